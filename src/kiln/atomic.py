@@ -1,0 +1,82 @@
+"""Write-then-rename, so a failed or interrupted export never leaves a half-written artifact."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from kiln.errors import KilnError
+
+
+def _check_parent(dest: Path) -> None:
+    parent = dest.parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KilnError(f"cannot create output directory {parent}: {exc.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise KilnError(f"output directory {parent} is not writable")
+
+
+def _os_error(dest: Path, exc: OSError) -> KilnError:
+    if exc.errno == errno.ENOSPC:
+        return KilnError(f"disk full while writing {dest}")
+    return KilnError(f"cannot write {dest}: {exc.strerror or exc}")
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; rename it onto ``dest`` only if the block succeeds."""
+    dest = Path(dest)
+    _check_parent(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, dest)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise _os_error(dest, exc) from None
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary directory beside ``dest``; it replaces ``dest`` only if the block succeeds."""
+    dest = Path(dest)
+    _check_parent(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _os_error(dest, exc) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

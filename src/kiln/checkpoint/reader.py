@@ -1,0 +1,148 @@
+"""Open a local Hugging Face checkpoint directory as a `Checkpoint` (spec + lazy tensors)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kiln.checkpoint import rope as rope_mod
+from kiln.checkpoint.families import FAMILIES, supported
+from kiln.checkpoint.layout import expected_tensors
+from kiln.checkpoint.spec import ModelSpec
+from kiln.checkpoint.tensors import TensorSource, open_weights
+from kiln.checkpoint.tokenizer import read_tokenizer
+from kiln.errors import KilnError
+
+
+@dataclass
+class Checkpoint:
+    spec: ModelSpec
+    tensors: TensorSource
+
+    def source_hash(self) -> str:
+        return source_hash(self.spec.source)
+
+
+def source_hash(directory: Path) -> str:
+    """A content hash of the files that define the model (config, tokenizer, weights).
+
+    Weights are hashed by their safetensors headers plus size and a sample of bytes:
+    hashing gigabytes on every export would cost more than the export itself.
+    """
+    h = hashlib.sha256()
+    for path in sorted(p for p in directory.iterdir() if p.is_file()):
+        h.update(path.name.encode())
+        size = path.stat().st_size
+        h.update(str(size).encode())
+        with open(path, "rb") as f:
+            if size <= 8 << 20:
+                h.update(f.read())
+            else:
+                for pos in range(0, size, max(size // 64, 1)):
+                    f.seek(pos)
+                    h.update(f.read(4096))
+    return h.hexdigest()
+
+
+def _load_config(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
+    if not path.exists():
+        raise KilnError(f"{directory}: config.json is missing (expected a Hugging Face checkpoint directory)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KilnError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise KilnError(f"{path}: expected a JSON object")
+    return config
+
+
+def _int(config: dict[str, Any], key: str, path: Path, default: int | None = None) -> int:
+    value = config.get(key, default)
+    if value is None:
+        raise KilnError(f"{path}: required key {key!r} is missing")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise KilnError(f"{path}: {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def read_spec(directory: Path, config: dict[str, Any]) -> ModelSpec:
+    path = directory / "config.json"
+    archs = config.get("architectures") or []
+    arch = next((a for a in archs if a in FAMILIES), None)
+    if arch is None:
+        found = ", ".join(archs) if archs else f"model_type {config.get('model_type')!r}"
+        raise KilnError(f"{path}: unknown architecture {found} (supported: {supported()})")
+    family = FAMILIES[arch]
+    hidden = _int(config, "hidden_size", path)
+    heads = _int(config, "num_attention_heads", path)
+    head_dim = _int(config, "head_dim", path, default=hidden // heads)
+    kv_heads = _int(config, "num_key_value_heads", path, default=heads)
+    if heads % kv_heads:
+        raise KilnError(f"{path}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    eps = config.get("rms_norm_eps")
+    if not isinstance(eps, (int, float)) or eps <= 0:
+        raise KilnError(f"{path}: required key 'rms_norm_eps' is missing or not positive")
+    rope_block = config.get("rope_parameters") or {}
+    theta = config.get("rope_theta", rope_block.get("rope_theta") if isinstance(rope_block, dict) else None)
+    if theta is None:
+        theta = 10000.0  # transformers' default for these families
+    vocab = _int(config, "vocab_size", path)
+    _int(config, "max_position_embeddings", path)
+    bias = family.attention_bias if family.attention_bias is not None else bool(config.get("attention_bias", False))
+    return ModelSpec(
+        family=family.name,
+        hf_architecture=arch,
+        source=directory,
+        n_layers=_int(config, "num_hidden_layers", path),
+        hidden_size=hidden,
+        intermediate_size=_int(config, "intermediate_size", path),
+        n_heads=heads,
+        n_kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        rms_norm_eps=float(eps),
+        rope_theta=float(theta),
+        context_length=config["max_position_embeddings"],
+        rope=rope_mod.from_config(config, str(path)),
+        tie_embeddings=bool(config.get("tie_word_embeddings", family.tie_default)),
+        attention_bias=bias,
+        qk_norm=family.qk_norm,
+        tokenizer=read_tokenizer(directory, vocab),
+        name=config.get("_name_or_path") or directory.name,
+        license=_license(directory),
+        config=config,
+    )
+
+
+def _license(directory: Path) -> str | None:
+    for name in ("LICENSE", "LICENSE.txt", "LICENSE.md"):
+        if (directory / name).exists():
+            return (directory / name).read_text(encoding="utf-8", errors="replace")
+    return None
+
+
+def check_tensors(spec: ModelSpec, tensors: TensorSource) -> None:
+    for name, shape in expected_tensors(spec).items():
+        if name not in tensors:
+            raise KilnError(f"{spec.source}: tensor {name} is missing from the weights")
+        actual = tensors.shape(name)
+        if tuple(actual) != tuple(shape):
+            raise KilnError(f"{spec.source}: tensor {name} has shape {list(actual)}, config.json implies {list(shape)}")
+
+
+def load_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
+    """Open and validate a checkpoint without loading any tensor data."""
+    directory = Path(path)
+    if not directory.exists():
+        raise KilnError(f"{directory}: no such file or directory")
+    if not directory.is_dir():
+        raise KilnError(f"{directory}: expected a checkpoint directory")
+    config = _load_config(directory)
+    spec = read_spec(directory, config)
+    tensors = open_weights(directory, allow_pickle=allow_pickle)
+    check_tensors(spec, tensors)
+    return Checkpoint(spec, tensors)

@@ -1,0 +1,75 @@
+"""The one canonical description of a model that every exporter consumes.
+
+`checkpoint/` produces it from whatever layout the user has; `export/` never looks at
+config.json again. Architecture differences live in `families.py`, not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kiln.checkpoint.rope import RopeSettings
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """A byte-level BPE vocabulary in the form GGUF and llama.cpp want it."""
+
+    tokens: list[str]
+    token_types: list[int]  # gguf.TokenType values: NORMAL=1 CONTROL=3 USER_DEFINED=4 UNUSED=5
+    merges: list[str]
+    pre: str  # llama.cpp pre-tokenizer name (qwen2, llama-bpe, smollm, gpt2, ...)
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+    unk_id: int | None
+    eot_id: int | None
+    add_bos: bool
+    add_eos: bool
+    chat_template: str | None
+    source: Path  # tokenizer.json
+    unrepresentable_bytes: tuple[int, ...] = ()  # bytes with no byte token (see kiln.bytelevel)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str  # kiln family name, equal to the GGUF architecture (llama, qwen2, qwen3)
+    hf_architecture: str
+    source: Path
+    n_layers: int
+    hidden_size: int
+    intermediate_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    context_length: int  # native max_position_embeddings of the checkpoint
+    rope: RopeSettings  # scaling found in config.json (type "none" if absent)
+    tie_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    tokenizer: TokenizerSpec | None
+    name: str
+    license: str | None = None
+    config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count from the dimensions (tied embeddings counted once)."""
+        h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q = self.n_heads * self.head_dim
+        kv = self.n_kv_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h
+        if self.attention_bias:
+            attn += q + 2 * kv
+        if self.qk_norm:
+            attn += 2 * self.head_dim
+        layer = attn + 3 * h * f + 2 * h
+        total = self.n_layers * layer + v * h + h
+        if not self.tie_embeddings:
+            total += v * h
+        return total

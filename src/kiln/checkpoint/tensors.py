@@ -1,0 +1,181 @@
+"""Lazy, streaming access to a checkpoint's tensors.
+
+Own safetensors reader on purpose: the `safetensors` package's numpy backend cannot
+return bf16 and its torch backend would make plain GGUF export depend on torch. The
+format is a little-endian u64 header length, a JSON header and raw buffers, so we
+memory-map the file and hand out one tensor at a time: peak memory stays near the
+largest tensor, not the model. Pickle checkpoints are read only on request, with
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kiln.errors import KilnError
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype string
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute byte offset
+    end: int
+
+
+def _read_header(path: Path) -> list[TensorInfo]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise KilnError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise KilnError(f"{path}: corrupt safetensors header (length {n} exceeds file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise KilnError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    base = 8 + n
+    infos = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (lo, hi) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise KilnError(f"{path}: corrupt safetensors entry for tensor {name!r}") from None
+        if dtype not in _DTYPES:
+            raise KilnError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+        if hi - lo != expected:
+            raise KilnError(f"{path}: tensor {name!r} has {hi - lo} bytes, shape {list(shape)} needs {expected}")
+        if base + hi > size:
+            raise KilnError(f"{path}: truncated safetensors file (tensor {name!r} ends at byte {base + hi}, "
+                            f"file has {size})")
+        infos.append(TensorInfo(name, dtype, shape, path, base + lo, base + hi))
+    return infos
+
+
+class TensorSource:
+    """Named tensors of a checkpoint, loaded one at a time as float32 numpy arrays."""
+
+    def __init__(self, infos: dict[str, TensorInfo], pickled: dict[str, np.ndarray] | None = None):
+        self._infos = infos
+        self._pickled = pickled or {}
+        self._maps: dict[Path, np.memmap] = {}
+
+    def names(self) -> list[str]:
+        return list(self._infos) + list(self._pickled)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos or name in self._pickled
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._pickled:
+            return tuple(self._pickled[name].shape)
+        return self._infos[name].shape
+
+    def dtype(self, name: str) -> str:
+        if name in self._pickled:
+            return str(self._pickled[name].dtype)
+        return self._infos[name].dtype
+
+    def load(self, name: str) -> np.ndarray:
+        """The tensor as a float32 array (a copy; the mapped file is never written)."""
+        if name in self._pickled:
+            return np.asarray(self._pickled[name], dtype=np.float32)
+        info = self._infos[name]
+        mm = self._maps.get(info.file)
+        if mm is None:
+            mm = self._maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
+        raw = np.frombuffer(mm[info.start:info.end], dtype=_DTYPES[info.dtype]).reshape(info.shape)
+        if info.dtype == "BF16":
+            return bf16_to_f32(raw)
+        return raw.astype(np.float32)
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        for name in self.names():
+            yield name, self.load(name)
+
+
+def open_safetensors(files: list[Path]) -> TensorSource:
+    infos: dict[str, TensorInfo] = {}
+    for path in files:
+        for info in _read_header(path):
+            if info.name in infos:
+                raise KilnError(f"{path}: tensor {info.name!r} also appears in {infos[info.name].file.name}")
+            infos[info.name] = info
+    return TensorSource(infos)
+
+
+def open_pickle(files: list[Path]) -> TensorSource:
+    """Read `pytorch_model*.bin` with torch's safe loader (no code from the file is executed)."""
+    try:
+        import torch
+    except ImportError:
+        raise KilnError("reading .bin checkpoints needs torch (pip install 'kiln-llm[torch]')") from None
+    tensors: dict[str, np.ndarray] = {}
+    for path in files:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
+            raise KilnError(f"{path}: cannot load with weights_only=True: {str(exc).splitlines()[0]}") from None
+        if not isinstance(state, dict):
+            raise KilnError(f"{path}: expected a state dict, found {type(state).__name__}")
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value.float().numpy()
+    return TensorSource({}, tensors)
+
+
+def find_weight_files(directory: Path, allow_pickle: bool) -> tuple[str, list[Path]]:
+    """Locate single or sharded weights; an index file decides the shard list when present."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise KilnError(f"{index}: corrupt index (no weight_map)") from None
+        files = [directory / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise KilnError(f"{index}: shard {missing[0]} is missing")
+        return "safetensors", files
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return "safetensors", files
+    bins = sorted(p for p in directory.glob("*.bin") if p.name != "training_args.bin")
+    if bins:
+        if not allow_pickle:
+            raise KilnError(f"{directory}: only pickle weights ({bins[0].name}) found; pickle can run code, "
+                            "pass --allow-pickle to load them with torch's weights_only loader")
+        return "pickle", bins
+    raise KilnError(f"{directory}: no weights found (*.safetensors or, with --allow-pickle, *.bin)")
+
+
+def open_weights(directory: Path, allow_pickle: bool = False) -> TensorSource:
+    kind, files = find_weight_files(directory, allow_pickle)
+    return open_safetensors(files) if kind == "safetensors" else open_pickle(files)
+
+
+def file_bytes(directory: Path) -> int:
+    return sum(os.path.getsize(p) for p in directory.iterdir() if p.is_file())

@@ -1,0 +1,155 @@
+"""Checkpoint -> GGUF: kiln's own converter on gguf-py's writer, llama.cpp's quantizer for the rest.
+
+Tensors are streamed: the header is planned from shapes alone, then each tensor is
+loaded, converted and written before the next is touched, so peak memory is about
+one tensor (llama.cpp's convert_hf_to_gguf holds far more). Output is atomic, and
+the file is re-read with gguf-py before llama.cpp ever sees it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFReader, GGUFWriter
+from gguf.quants import quantize
+
+from kiln.atomic import atomic_file
+from kiln.bytelevel import describe, essential_missing, missing_bytes
+from kiln.checkpoint import Checkpoint
+from kiln.checkpoint.layout import expected_tensors
+from kiln.checkpoint.rope import RopeSettings
+from kiln.compress.llama_quant import QuantType, quantize_gguf
+from kiln.errors import KilnError
+from kiln.export.gguf_arch import ARCHS, gguf_name, transform
+from kiln.export.gguf_meta import llama3_rope_factors, write_hparams, write_tokenizer
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+_DIRECT = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}
+
+
+@dataclass(frozen=True)
+class GGUFStats:
+    size: int
+    bits_per_weight: float  # all tensor bytes * 8 / all tensor elements
+    tensor_types: dict[str, int]  # ggml type name -> tensor count
+    n_elements: int
+
+
+def _planned(ckpt: Checkpoint, rope: RopeSettings) -> Iterator[tuple[str, str | None, tuple[int, ...]]]:
+    """(gguf name, hf name or None for generated tensors, numpy shape) in write order."""
+    spec = ckpt.spec
+    if rope.type == "llama3":
+        yield "rope_freqs.weight", None, (spec.head_dim // 2,)
+    for hf, shape in expected_tensors(spec).items():
+        yield gguf_name(hf), hf, shape
+
+
+def _convert(arr: np.ndarray, qtype: Q) -> np.ndarray:
+    """Encode as raw bytes of `qtype` (1-D tensors always stay F32, as llama.cpp expects)."""
+    if arr.ndim == 1 or qtype == Q.F32:
+        return np.ascontiguousarray(arr, dtype=np.float32).view(np.uint8)
+    if qtype == Q.F16:
+        return np.ascontiguousarray(arr.astype(np.float16)).view(np.uint8)
+    return np.ascontiguousarray(quantize(arr, qtype)).view(np.uint8)
+
+
+def _tensor_qtype(shape: tuple[int, ...], qtype: Q) -> Q:
+    return Q.F32 if len(shape) == 1 else qtype
+
+
+def _byte_shape(shape: tuple[int, ...], qtype: Q) -> tuple[int, ...]:
+    itemsize = {Q.F32: 4, Q.F16: 2, Q.BF16: 2}[qtype]
+    return (*shape[:-1], shape[-1] * itemsize)
+
+
+def write_direct_gguf(ckpt: Checkpoint, dest: Path, qtype: Q, file_type: int, rope: RopeSettings,
+                      progress: Progress | None = None) -> None:
+    """Write f32/f16/bf16 GGUF at `dest` (not atomic by itself: callers pass a temp path)."""
+    spec = ckpt.spec
+    arch = ARCHS[spec.family]
+    if spec.tokenizer is None:
+        raise KilnError(f"{spec.source}: no tokenizer; a GGUF without vocabulary cannot run")
+    w = GGUFWriter(dest, arch.name)
+    write_hparams(w, spec, rope, file_type)
+    write_tokenizer(w, spec)
+    plan = list(_planned(ckpt, rope))
+    for name, _hf, shape in plan:
+        t = _tensor_qtype(shape, qtype)
+        byte_shape = _byte_shape(shape, t)
+        w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for i, (name, hf, shape) in enumerate(plan):
+        if hf is None:
+            arr = llama3_rope_factors(spec, rope)
+        else:
+            arr = transform(arch, hf, ckpt.tensors.load(hf), spec.n_heads, spec.n_kv_heads)
+        if not np.isfinite(arr).all():
+            raise KilnError(f"{spec.source}: tensor {hf} contains NaN or infinite values")
+        w.write_tensor_data(_convert(arr, _tensor_qtype(shape, qtype)))
+        if progress:
+            progress("convert", i + 1, len(plan))
+    w.close()
+
+
+def validate_gguf(path: Path) -> GGUFStats:
+    """Re-read with gguf-py; a file llama.cpp could choke on fails here with a clear message."""
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # gguf-py raises ValueError/IndexError/struct.error on corrupt files
+        raise KilnError(f"{path}: not a valid GGUF file ({exc})") from None
+    fields = reader.fields
+    for key in ("general.architecture", "tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        if key not in fields:
+            raise KilnError(f"{path}: GGUF key {key} is missing")
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    if fields["tokenizer.ggml.model"].contents() == "gpt2":
+        essential = essential_missing(missing_bytes(tokens))
+        if essential:
+            raise KilnError(f"{path}: byte-level vocabulary lacks byte tokens for {describe(essential)}; "
+                            "llama.cpp would abort on ordinary text")
+    types: dict[str, int] = {}
+    n_bytes = n_el = 0
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        n_bytes += int(t.n_bytes)
+        n_el += int(t.n_elements)
+    return GGUFStats(size=path.stat().st_size, bits_per_weight=8 * n_bytes / max(n_el, 1),
+                     tensor_types=types, n_elements=n_el)
+
+
+def export_gguf(ckpt: Checkpoint, out: str | os.PathLike[str], quant: QuantType, rope: RopeSettings,
+                imatrix: Path | None = None, threads: int = 0, progress: Progress | None = None) -> GGUFStats:
+    """Write `out` atomically: direct types in one pass, others via an f32/bf16 intermediate."""
+    out = Path(out)
+    if out.exists() and out.is_dir():
+        raise KilnError(f"{out}: is a directory, expected a .gguf file path")
+    if imatrix is not None and quant.direct:
+        raise KilnError(f"--imatrix has no effect on {quant.name}; it applies to quantized types")
+    with atomic_file(out) as tmp:
+        if quant.direct:
+            write_direct_gguf(ckpt, tmp, _DIRECT[quant.name], quant.ftype, rope, progress)
+        else:
+            # Quantize from f32 so no value is rounded twice (f16 first would shift the grid).
+            fd, mid = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".f32.part", dir=out.parent)
+            os.close(fd)
+            try:
+                write_direct_gguf(ckpt, Path(mid), Q.F32, 0, rope, progress)
+                validate_gguf(Path(mid))
+                if progress:
+                    progress(f"quantize {quant.name}", 0, 1)
+                quantize_gguf(Path(mid), tmp, quant, imatrix=imatrix, threads=threads)
+                if progress:
+                    progress(f"quantize {quant.name}", 1, 1)
+            finally:
+                Path(mid).unlink(missing_ok=True)
+        stats = validate_gguf(tmp)
+    return stats

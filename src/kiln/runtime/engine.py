@@ -1,0 +1,71 @@
+"""The engine contract every backend implements (llama.cpp, onnxruntime, transformers).
+
+Sequences are identified by small integers. An engine keeps each sequence's KV cache
+and next position; `step` feeds one token to each listed sequence in one batched
+forward pass, which is what SMC particles and batched decoding need.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class Engine(ABC):
+    vocab_size: int
+    eog_ids: frozenset[int]  # end-of-generation ids (eos, eot, ...)
+    bos_id: int | None
+    add_bos: bool
+    chat_template: str | None
+    context_length: int  # what the artifact advertises
+    n_ctx: int  # what this engine instance allocated
+
+    @abstractmethod
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]: ...
+
+    @abstractmethod
+    def token_bytes(self, token: int) -> bytes: ...
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    @abstractmethod
+    def prefill(self, tokens: Sequence[int], seq: int = 0, all_logits: bool = False) -> np.ndarray:
+        """Append `tokens` to sequence `seq`; logits of the last position ([vocab]) or all ([n, vocab])."""
+
+    @abstractmethod
+    def step(self, tokens: Sequence[int], seqs: Sequence[int]) -> np.ndarray:
+        """Append one token to each sequence in one forward pass; returns [len(seqs), vocab] logits."""
+
+    @abstractmethod
+    def copy_seq(self, src: int, dst: int) -> None:
+        """Make `dst` an exact copy of `src` (cache and position); `dst`'s old contents are dropped."""
+
+    @abstractmethod
+    def drop_seq(self, seq: int) -> None: ...
+
+    def reset(self) -> None:
+        for seq in list(self.positions()):
+            self.drop_seq(seq)
+
+    @abstractmethod
+    def positions(self) -> dict[int, int]:
+        """Sequence id -> number of tokens it holds."""
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits at every position of `tokens` from an empty cache ([n, vocab], float32)."""
+        self.reset()
+        out = self.prefill(tokens, seq=0, all_logits=True)
+        self.reset()
+        return out
+
+    def close(self) -> None:  # noqa: B027 - optional
+        pass
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

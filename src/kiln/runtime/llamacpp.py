@@ -1,0 +1,246 @@
+"""llama.cpp engine: one context, many sequences, through llama-cpp-python's C API.
+
+The high-level `llama_cpp.Llama` class keeps a single sequence; SMC and batched
+decoding need several sequences in one `llama_decode`, so kiln drives the C API
+(`llama_batch`, `llama_decode`, `llama_get_logits_ith`, `llama_memory_seq_*`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from kiln.errors import KilnError
+from kiln.bytelevel import describe, essential_missing, missing_bytes
+from kiln.runtime.engine import Engine
+
+
+def _llama():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise KilnError("running GGUF files needs llama-cpp-python (pip install 'kiln-llm[llama]')") from None
+    from kiln import llamacpp_log
+
+    llamacpp_log.install()
+    return llama_cpp
+
+
+def default_threads() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+class LlamaCppEngine(Engine):
+    def __init__(self, path: str | Path, n_ctx: int | None = None, n_seq_max: int = 1,
+                 threads: int | None = None, n_batch: int = 512, flash_attn: bool | None = None,
+                 type_k: int | None = None, type_v: int | None = None, kv_unified: bool = True):
+        lc = _llama()
+        from kiln import llamacpp_log
+
+        self._lc = lc
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise KilnError(f"{self.path}: no such GGUF file")
+        self._check_gguf()
+        mparams = lc.llama_model_default_params()
+        llamacpp_log.clear()
+        self._model = lc.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self._model:
+            raise KilnError(f"{self.path}: llama.cpp could not load the model: {llamacpp_log.last_error()}")
+        self._vocab = lc.llama_model_get_vocab(self._model)
+        self.vocab_size = lc.llama_vocab_n_tokens(self._vocab)
+        self.context_length = lc.llama_model_n_ctx_train(self._model)
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = n_ctx or min(self.context_length, 4096)
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = min(n_batch, 512)
+        cparams.n_seq_max = n_seq_max
+        cparams.n_outputs_max_per_seq = 0  # allow logits at every position (scoring, eval)
+        t = threads or default_threads()
+        cparams.n_threads = t
+        cparams.n_threads_batch = t
+        cparams.kv_unified = kv_unified
+        if flash_attn is not None:
+            cparams.flash_attn_type = 1 if flash_attn else 0
+        if type_k is not None:
+            cparams.type_k = type_k
+        if type_v is not None:
+            cparams.type_v = type_v
+        llamacpp_log.clear()
+        self._ctx = lc.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            lc.llama_model_free(self._model)
+            raise KilnError(f"{self.path}: llama.cpp could not create a context: {llamacpp_log.last_error()}")
+        self.n_ctx = lc.llama_n_ctx(self._ctx)
+        self.n_batch = n_batch
+        self.n_seq_max = n_seq_max
+        self._mem = lc.llama_get_memory(self._ctx)
+        self._pos: dict[int, int] = {}
+        self.bos_id = self._opt(lc.llama_vocab_bos(self._vocab))
+        self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
+        self.eog_ids = frozenset(i for i in self._special_ids() if lc.llama_vocab_is_eog(self._vocab, i))
+        self.chat_template = self.meta("tokenizer.chat_template")
+        self._batch = lc.llama_batch_init(max(n_batch, n_seq_max), 0, 1)
+        self._piece_cache: dict[int, bytes] = {}
+
+    def _check_gguf(self) -> None:
+        # gguf-py's reader first: llama.cpp aborts the process on some malformed vocabularies.
+        from gguf import GGUFReader
+
+        try:
+            reader = GGUFReader(self.path)
+        except Exception as exc:  # noqa: BLE001 - any parse failure means "not a valid GGUF"
+            raise KilnError(f"{self.path}: not a valid GGUF file ({exc})") from None
+        fields = reader.fields
+        self._unrepresentable = b""
+        if "tokenizer.ggml.model" in fields and fields["tokenizer.ggml.model"].contents() == "gpt2":
+            missing = missing_bytes(fields["tokenizer.ggml.tokens"].contents())
+            essential = essential_missing(missing)
+            if essential:
+                raise KilnError(f"{self.path}: byte-level vocabulary lacks byte tokens for {describe(essential)}; "
+                                "llama.cpp would abort on ordinary text")
+            self._unrepresentable = bytes(sorted(missing))
+
+    @staticmethod
+    def _opt(token: int) -> int | None:
+        return token if token >= 0 else None
+
+    def _special_ids(self) -> list[int]:
+        lc = self._lc
+        ids = []
+        for fn in ("llama_vocab_eos", "llama_vocab_eot", "llama_vocab_sep", "llama_vocab_pad"):
+            if hasattr(lc, fn):
+                tid = getattr(lc, fn)(self._vocab)
+                if tid >= 0:
+                    ids.append(tid)
+        # also any control token the vocab flags as end-of-generation
+        ids.extend(i for i in range(self.vocab_size) if lc.llama_vocab_get_attr(self._vocab, i) & 8)
+        return sorted(set(ids))
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = self._lc.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            self._lc.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    # --- tokens -------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        if self._unrepresentable and len(data.translate(None, self._unrepresentable)) != len(data):
+            bad = sorted(set(data) & set(self._unrepresentable))
+            raise KilnError(f"text contains byte(s) {describe(bad)} that this model's vocabulary cannot represent "
+                            "(llama.cpp would abort)")
+        cap = len(data) + 16
+        arr = (self._lc.llama_token * cap)()
+        n = self._lc.llama_tokenize(self._vocab, data, len(data), arr, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            arr = (self._lc.llama_token * cap)()
+            n = self._lc.llama_tokenize(self._vocab, data, len(data), arr, cap, add_special, parse_special)
+        return list(arr[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._piece_cache.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(256)
+            n = self._lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+            piece = self._piece_cache[token] = buf.raw[:max(n, 0)]
+        return piece
+
+    # --- sequences ----------------------------------------------------------------------------
+    def positions(self) -> dict[int, int]:
+        return dict(self._pos)
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """entries: (token, pos, seq, want_logits), at most n_batch of them."""
+        b = self._batch
+        b.n_tokens = len(entries)
+        for i, (tok, pos, seq, want) in enumerate(entries):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = want
+        rc = self._lc.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise KilnError(f"llama_decode failed (code {rc}): context of {self.n_ctx} tokens may be full")
+
+    def _logits(self, i: int) -> np.ndarray:
+        ptr = self._lc.llama_get_logits_ith(self._ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.vocab_size,)).copy()
+
+    def prefill(self, tokens: Sequence[int], seq: int = 0, all_logits: bool = False) -> np.ndarray:
+        tokens = list(tokens)
+        if not tokens:
+            raise KilnError("nothing to prefill: empty token list")
+        start = self._pos.get(seq, 0)
+        if start + len(tokens) > self.n_ctx:
+            raise KilnError(f"{start + len(tokens)} tokens exceed the context of {self.n_ctx}")
+        out = np.empty((len(tokens), self.vocab_size), dtype=np.float32) if all_logits else None
+        last = None
+        for lo in range(0, len(tokens), self.n_batch):
+            chunk = tokens[lo:lo + self.n_batch]
+            final = lo + len(chunk) == len(tokens)
+            entries = [(t, start + lo + j, seq, all_logits or (final and j == len(chunk) - 1))
+                       for j, t in enumerate(chunk)]
+            self._decode(entries)
+            if all_logits:
+                for j in range(len(chunk)):
+                    out[lo + j] = self._logits(j)
+            elif final:
+                last = self._logits(len(chunk) - 1)
+        self._pos[seq] = start + len(tokens)
+        return out if all_logits else last
+
+    def step(self, tokens: Sequence[int], seqs: Sequence[int]) -> np.ndarray:
+        entries = []
+        for tok, seq in zip(tokens, seqs, strict=True):
+            pos = self._pos.get(seq, 0)
+            if pos >= self.n_ctx:
+                raise KilnError(f"sequence {seq} reached the context limit of {self.n_ctx} tokens")
+            entries.append((int(tok), pos, seq, True))
+        out = np.empty((len(entries), self.vocab_size), dtype=np.float32)
+        for lo in range(0, len(entries), self.n_batch):
+            chunk = entries[lo:lo + self.n_batch]
+            self._decode(chunk)
+            for j in range(len(chunk)):
+                out[lo + j] = self._logits(j)
+        for seq in seqs:
+            self._pos[seq] = self._pos.get(seq, 0) + 1
+        return out
+
+    def copy_seq(self, src: int, dst: int) -> None:
+        if src == dst:
+            return
+        self._lc.llama_memory_seq_rm(self._mem, dst, -1, -1)
+        self._lc.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+        self._pos[dst] = self._pos.get(src, 0)
+
+    def drop_seq(self, seq: int) -> None:
+        self._lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        self._pos.pop(seq, None)
+
+    def reset(self) -> None:
+        self._lc.llama_memory_clear(self._mem, True)
+        self._pos.clear()
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            self._lc.llama_batch_free(self._batch)
+            self._lc.llama_free(self._ctx)
+            self._lc.llama_model_free(self._model)
+            self._ctx = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
