@@ -14,6 +14,12 @@ from pathlib import Path
 from kiln.errors import KilnError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _check_parent(dest: Path) -> None:
     parent = dest.parent
     if not parent.exists():
@@ -37,6 +43,7 @@ def atomic_file(dest: str | os.PathLike[str]) -> Iterator[Path]:
     dest = Path(dest)
     _check_parent(dest)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get normal permissions
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -56,6 +63,7 @@ def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
     dest = Path(dest)
     _check_parent(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if dest.exists():

@@ -33,6 +33,7 @@ def byte_alphabet() -> frozenset[str]:
     return frozenset(_byte_to_char().values())
 
 
+NEVER_IN_UTF8 = frozenset([0xC0, 0xC1, *range(0xF5, 0x100)])
 ESSENTIAL_BYTES = frozenset([0x09, 0x0A, 0x0D, *range(0x20, 0x7F), *range(0x80, 0xC0), *range(0xC2, 0xF1)])
 
 
@@ -40,6 +41,11 @@ def missing_bytes(tokens: Iterable[str]) -> frozenset[int]:
     """The byte values with no byte token in a vocabulary."""
     vocab = set(tokens)
     return frozenset(b for b, ch in _byte_to_char().items() if ch not in vocab)
+
+
+def reachable_missing(missing: Iterable[int]) -> list[int]:
+    """Missing bytes that valid UTF-8 text can actually contain (the ones worth warning about)."""
+    return sorted(set(missing) - NEVER_IN_UTF8)
 
 
 def essential_missing(missing: Iterable[int]) -> list[int]:

@@ -3,7 +3,7 @@
 Own safetensors reader on purpose: the `safetensors` package's numpy backend cannot
 return bf16 and its torch backend would make plain GGUF export depend on torch. The
 format is a little-endian u64 header length, a JSON header and raw buffers, so we
-memory-map the file and hand out one tensor at a time: peak memory stays near the
+read one tensor at a time with plain reads: peak memory stays near the
 largest tensor, not the model. Pickle checkpoints are read only on request, with
 `torch.load(weights_only=True)`.
 """
@@ -81,7 +81,6 @@ class TensorSource:
     def __init__(self, infos: dict[str, TensorInfo], pickled: dict[str, np.ndarray] | None = None):
         self._infos = infos
         self._pickled = pickled or {}
-        self._maps: dict[Path, np.memmap] = {}
 
     def names(self) -> list[str]:
         return list(self._infos) + list(self._pickled)
@@ -104,10 +103,14 @@ class TensorSource:
         if name in self._pickled:
             return np.asarray(self._pickled[name], dtype=np.float32)
         info = self._infos[name]
-        mm = self._maps.get(info.file)
-        if mm is None:
-            mm = self._maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
-        raw = np.frombuffer(mm[info.start:info.end], dtype=_DTYPES[info.dtype]).reshape(info.shape)
+        # pread into a fresh buffer rather than memory-mapping: mapped pages stay in the
+        # process's RSS for the life of the mapping (the whole file by the end), read pages don't.
+        buf = bytearray(info.end - info.start)
+        with open(info.file, "rb", buffering=0) as f:
+            f.seek(info.start)
+            if f.readinto(buf) != len(buf):
+                raise KilnError(f"{info.file}: truncated while reading tensor {name!r}")
+        raw = np.frombuffer(buf, dtype=_DTYPES[info.dtype]).reshape(info.shape)
         if info.dtype == "BF16":
             return bf16_to_f32(raw)
         return raw.astype(np.float32)

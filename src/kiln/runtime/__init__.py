@@ -1,0 +1,23 @@
+"""Run exported artifacts. Embeds without torch: imports only numpy and the engine's own library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kiln.errors import KilnError
+from kiln.runtime.engine import Engine
+
+
+def load(path: str | Path, **options) -> Engine:
+    """Open an artifact with the engine its format needs (a .gguf file -> llama.cpp)."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        from kiln.runtime.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(path, **options)
+    if not path.exists():
+        raise KilnError(f"{path}: no such file or directory")
+    raise KilnError(f"{path}: unsupported artifact (expected a .gguf file)")
+
+
+__all__ = ["Engine", "load"]

@@ -32,8 +32,13 @@ class Engine(ABC):
         return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
 
     @abstractmethod
-    def prefill(self, tokens: Sequence[int], seq: int = 0, all_logits: bool = False) -> np.ndarray:
-        """Append `tokens` to sequence `seq`; logits of the last position ([vocab]) or all ([n, vocab])."""
+    def prefill(self, tokens: Sequence[int], seq: int = 0, all_logits: bool = False,
+                start: int | None = None) -> np.ndarray:
+        """Append `tokens` to sequence `seq`; logits of the last position ([vocab]) or all ([n, vocab]).
+
+        `start` places the first token at that absolute position in an empty sequence
+        (rope at long positions can then be checked without a long prefix).
+        """
 
     @abstractmethod
     def step(self, tokens: Sequence[int], seqs: Sequence[int]) -> np.ndarray:
@@ -54,10 +59,10 @@ class Engine(ABC):
     def positions(self) -> dict[int, int]:
         """Sequence id -> number of tokens it holds."""
 
-    def score(self, tokens: Sequence[int]) -> np.ndarray:
+    def score(self, tokens: Sequence[int], start: int = 0) -> np.ndarray:
         """Logits at every position of `tokens` from an empty cache ([n, vocab], float32)."""
         self.reset()
-        out = self.prefill(tokens, seq=0, all_logits=True)
+        out = self.prefill(tokens, seq=0, all_logits=True, start=start)
         self.reset()
         return out
 

@@ -79,7 +79,8 @@ class LlamaCppEngine(Engine):
         self.n_batch = n_batch
         self.n_seq_max = n_seq_max
         self._mem = lc.llama_get_memory(self._ctx)
-        self._pos: dict[int, int] = {}
+        self._pos: dict[int, int] = {}  # next position of each sequence
+        self._len: dict[int, int] = {}  # tokens each sequence holds (the context budget)
         self.bos_id = self._opt(lc.llama_vocab_bos(self._vocab))
         self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
         self.eog_ids = frozenset(i for i in self._special_ids() if lc.llama_vocab_is_eog(self._vocab, i))
@@ -157,7 +158,7 @@ class LlamaCppEngine(Engine):
 
     # --- sequences ----------------------------------------------------------------------------
     def positions(self) -> dict[int, int]:
-        return dict(self._pos)
+        return dict(self._len)
 
     def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
         """entries: (token, pos, seq, want_logits), at most n_batch of them."""
@@ -177,13 +178,17 @@ class LlamaCppEngine(Engine):
         ptr = self._lc.llama_get_logits_ith(self._ctx, i)
         return np.ctypeslib.as_array(ptr, shape=(self.vocab_size,)).copy()
 
-    def prefill(self, tokens: Sequence[int], seq: int = 0, all_logits: bool = False) -> np.ndarray:
+    def prefill(self, tokens: Sequence[int], seq: int = 0, all_logits: bool = False,
+                start: int | None = None) -> np.ndarray:
         tokens = list(tokens)
         if not tokens:
             raise KilnError("nothing to prefill: empty token list")
-        start = self._pos.get(seq, 0)
-        if start + len(tokens) > self.n_ctx:
-            raise KilnError(f"{start + len(tokens)} tokens exceed the context of {self.n_ctx}")
+        held = self._len.get(seq, 0)
+        if start is not None and held:
+            raise KilnError("a start position can only be given for an empty sequence")
+        if held + len(tokens) > self.n_ctx:
+            raise KilnError(f"{held + len(tokens)} tokens exceed the context of {self.n_ctx}")
+        start = self._pos.get(seq, 0) if start is None else start
         out = np.empty((len(tokens), self.vocab_size), dtype=np.float32) if all_logits else None
         last = None
         for lo in range(0, len(tokens), self.n_batch):
@@ -198,13 +203,14 @@ class LlamaCppEngine(Engine):
             elif final:
                 last = self._logits(len(chunk) - 1)
         self._pos[seq] = start + len(tokens)
+        self._len[seq] = held + len(tokens)
         return out if all_logits else last
 
     def step(self, tokens: Sequence[int], seqs: Sequence[int]) -> np.ndarray:
         entries = []
         for tok, seq in zip(tokens, seqs, strict=True):
             pos = self._pos.get(seq, 0)
-            if pos >= self.n_ctx:
+            if self._len.get(seq, 0) >= self.n_ctx:
                 raise KilnError(f"sequence {seq} reached the context limit of {self.n_ctx} tokens")
             entries.append((int(tok), pos, seq, True))
         out = np.empty((len(entries), self.vocab_size), dtype=np.float32)
@@ -215,6 +221,7 @@ class LlamaCppEngine(Engine):
                 out[lo + j] = self._logits(j)
         for seq in seqs:
             self._pos[seq] = self._pos.get(seq, 0) + 1
+            self._len[seq] = self._len.get(seq, 0) + 1
         return out
 
     def copy_seq(self, src: int, dst: int) -> None:
@@ -223,14 +230,17 @@ class LlamaCppEngine(Engine):
         self._lc.llama_memory_seq_rm(self._mem, dst, -1, -1)
         self._lc.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
         self._pos[dst] = self._pos.get(src, 0)
+        self._len[dst] = self._len.get(src, 0)
 
     def drop_seq(self, seq: int) -> None:
         self._lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
         self._pos.pop(seq, None)
+        self._len.pop(seq, None)
 
     def reset(self) -> None:
         self._lc.llama_memory_clear(self._mem, True)
         self._pos.clear()
+        self._len.clear()
 
     def close(self) -> None:
         if getattr(self, "_ctx", None):

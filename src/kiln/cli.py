@@ -1,0 +1,252 @@
+"""The `kiln` command line: a thin layer over kiln's Python API.
+
+Every user-fixable problem surfaces as one line on stderr and exit code 1 (2 for
+bad usage, 130 for Ctrl-C); tracebacks are reserved for bugs in kiln itself.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kiln import __version__
+from kiln.errors import KilnError
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+@contextmanager
+def _progress(enabled: bool):
+    """A rich progress bar fed by `(stage, done, total)` callbacks from the API."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True, console=_stderr_console()) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="kiln")
+def cli() -> None:
+    """kiln: compress small causal LMs, bake their RoPE/context settings, export GGUF, verified.
+
+    \b
+    Examples:
+      kiln fixtures                                  # build the test models into the cache
+      kiln export gguf ./SmolLM2 -o out/smol.q4_k_m.gguf --quant q4_k_m --modelfile
+      kiln export gguf ./Qwen2.5-0.5B -o q.gguf --quant q8_0 --rope-scaling yarn:4 --original-context 32768
+      kiln inspect out/smol.q4_k_m.gguf --json
+      kiln generate out/smol.q4_k_m.gguf --chat --prompt "What is the capital of France?"
+    """
+
+
+@cli.command()
+@click.argument("names", nargs=-1)
+@click.option("--force", is_flag=True, help="Rebuild even if already built.")
+@click.option("--json", "as_json", is_flag=True, help="Print fixture paths as JSON.")
+def fixtures(names: tuple[str, ...], force: bool, as_json: bool) -> None:
+    """Build the test fixtures once into the cache ($KILN_CACHE or ~/.cache/kiln).
+
+    \b
+    Examples:
+      kiln fixtures                  # all: smollm2-135m, tiny-qwen2, tiny-qwen3, tiny-llama
+      kiln fixtures tiny-qwen2 --force
+    """
+    from kiln import fixtures as fx
+
+    chosen = names or fx.FIXTURE_NAMES
+    paths = {name: str(fx.build(name, force=force, progress=not as_json)) for name in chosen}
+    if as_json:
+        _emit_json(paths)
+    else:
+        for name, path in paths.items():
+            click.echo(f"{name}: {path}")
+
+
+@cli.group()
+def export() -> None:
+    """Export a checkpoint to a runtime format."""
+
+
+@export.command("gguf")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output .gguf path.")
+@click.option("--quant", default="f16", show_default=True,
+              help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_m, q4_k_s, q4_k_m, q5_k_m, q6_k, iq4_xs, ...")
+@click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix for llama.cpp's quantizer.")
+@click.option("--rope-scaling", help="Bake RoPE scaling: linear:F, yarn:F or none (default: from config.json).")
+@click.option("--original-context", type=int, help="Context the model was trained at (for --rope-scaling).")
+@click.option("--context", type=int, help="Context length the artifact advertises (default: factor x original).")
+@click.option("--allow-shorter-context", is_flag=True, help="Permit --context below the trained context.")
+@click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile next to the GGUF.")
+@click.option("--no-verify", is_flag=True, help="Skip the logits check against the source (not recommended).")
+@click.option("--threads", type=int, default=0, help="Threads for quantizing and verifying (0: all).")
+@click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin (loaded with weights_only=True).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def export_gguf_cmd(src: Path, out: Path, quant: str, imatrix: Path | None, rope_scaling: str | None,
+                    original_context: int | None, context: int | None, allow_shorter_context: bool,
+                    modelfile: bool, no_verify: bool, threads: int, allow_pickle: bool, as_json: bool) -> None:
+    """Export the Hugging Face checkpoint SRC to a GGUF file, verified in llama.cpp.
+
+    \b
+    Examples:
+      kiln export gguf ./SmolLM2-135M-Instruct -o smol.q8_0.gguf --quant q8_0 --modelfile
+      kiln export gguf ./Qwen2.5-0.5B -o qwen.gguf --quant q4_k_m --rope-scaling yarn:4 --original-context 32768
+      kiln export gguf ./model -o m.gguf --quant q4_k_m --imatrix imatrix.dat
+    """
+    from kiln.pipeline import export_gguf_artifact
+
+    with _progress(not as_json) as update:
+        result = export_gguf_artifact(
+            src, out, quant, rope_scaling=rope_scaling, original_context=original_context, context=context,
+            allow_shorter_context=allow_shorter_context, imatrix=imatrix, modelfile=modelfile,
+            verify=not no_verify, threads=threads, allow_pickle=allow_pickle, progress=update)
+    if as_json:
+        _emit_json(result.record)
+        return
+    rec = result.record
+    click.echo(f"wrote {result.gguf} ({rec['files'][0]['size'] / 1e6:.1f} MB, {rec['bits_per_weight']:.2f} bits/weight, "
+               f"rope {rec['rope'].get('type')}, context {rec['rope'].get('context_length')})")
+    if result.modelfile:
+        click.echo(f"wrote {result.modelfile}  (ollama create NAME -f {result.modelfile})")
+    ver = rec.get("verification")
+    if ver:
+        click.echo(f"verified: {ver['criterion']}; text KL {ver['text_mean_kl']:.4f}, top-1 {ver['text_top1']:.3f}")
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+
+
+@cli.command()
+@click.argument("gguf", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output path (default: NAME.Modelfile beside the GGUF).")
+def modelfile(gguf: Path, out: Path | None) -> None:
+    """Write an Ollama Modelfile for an existing GGUF, from its own metadata.
+
+    \b
+    Example:
+      kiln modelfile out/smol.q4_k_m.gguf && ollama create smol -f out/smol.q4_k_m.Modelfile
+    """
+    from kiln.pipeline import write_modelfile_for
+
+    if not gguf.is_file():
+        raise KilnError(f"{gguf}: no such GGUF file")
+    warnings: list[str] = []
+    path = write_modelfile_for(gguf, None, warnings, out=out)
+    click.echo(f"wrote {path}")
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin checkpoints.")
+def inspect(path: Path, as_json: bool, allow_pickle: bool) -> None:
+    """Describe a checkpoint directory or a GGUF file: architecture, size, context, rope, tensor types.
+
+    \b
+    Examples:
+      kiln inspect ~/.cache/kiln/fixtures/smollm2-135m
+      kiln inspect out/smol.q4_k_m.gguf --json
+    """
+    from kiln.inspect_artifact import inspect_path
+
+    info = inspect_path(path, allow_pickle=allow_pickle)
+    if as_json:
+        _emit_json(info)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=str(path), show_header=False)
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Prompt text (a user message with --chat).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt with the artifact's chat template.")
+@click.option("--system", help="System message (with --chat).")
+@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--seed", type=int, default=None)
+@click.option("--threads", type=int, default=0)
+@click.option("--ctx", type=int, default=4096, show_default=True, help="Context to allocate.")
+@click.option("--json", "as_json", is_flag=True)
+def generate(artifact: Path, prompt: str, chat: bool, system: str | None, max_tokens: int, temperature: float,
+             seed: int | None, threads: int, ctx: int, as_json: bool) -> None:
+    """Generate text from an exported artifact.
+
+    \b
+    Examples:
+      kiln generate smol.q4_k_m.gguf --chat --prompt "What is the capital of France?"
+      kiln generate smol.q8_0.gguf --prompt "Once upon a time" --temperature 0.8 --seed 1
+    """
+    from kiln.runtime import load
+    from kiln.runtime.generate import chat_prompt, generate as run
+
+    with load(artifact, n_ctx=ctx, threads=threads or None) as engine:
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}]
+            ids = chat_prompt(engine, messages)
+        else:
+            ids = engine.tokenize(prompt)
+        stream = None if as_json else (lambda t: click.echo(engine.detokenize([t]), nl=False))
+        result = run(engine, ids, max_tokens=max_tokens, temperature=temperature, seed=seed, on_token=stream)
+    if as_json:
+        _emit_json({"text": result.text, "tokens": result.tokens, "prompt_tokens": result.prompt_tokens,
+                    "stopped": result.stopped})
+    else:
+        click.echo()
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except KilnError as exc:
+        click.echo(f"kiln: error: {exc}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("kiln: interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("kiln: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except OSError as exc:
+        click.echo(f"kiln: error: {exc.filename or ''}: {exc.strerror or exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

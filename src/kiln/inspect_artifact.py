@@ -1,0 +1,87 @@
+"""`kiln inspect`: what a checkpoint directory or GGUF file contains, for people and for scripts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import KilnError
+
+
+def inspect_path(path: str | Path, allow_pickle: bool = False) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise KilnError(f"{path}: no such file or directory")
+    if path.is_file() and path.suffix == ".gguf":
+        return inspect_gguf(path)
+    if path.is_dir():
+        return inspect_checkpoint(path, allow_pickle)
+    raise KilnError(f"{path}: expected a checkpoint directory or a .gguf file")
+
+
+def inspect_checkpoint(path: Path, allow_pickle: bool = False) -> dict[str, Any]:
+    from kiln.checkpoint import load_checkpoint
+    from kiln.checkpoint.tensors import file_bytes
+
+    ckpt = load_checkpoint(path, allow_pickle=allow_pickle)
+    spec = ckpt.spec
+    types: dict[str, int] = {}
+    bits = {"F32": 32, "F16": 16, "BF16": 16, "F64": 64, "I8": 8, "U8": 8, "I32": 32, "I64": 64}
+    total_bits = total_el = 0
+    for name in ckpt.tensors.names():
+        dt = ckpt.tensors.dtype(name).upper().replace("FLOAT", "F").replace("TORCH.", "")
+        types[dt] = types.get(dt, 0) + 1
+        n = 1
+        for d in ckpt.tensors.shape(name):
+            n *= d
+        total_el += n
+        total_bits += n * bits.get(dt, 32)
+    return {
+        "path": str(path), "format": "hf", "architecture": spec.hf_architecture, "family": spec.family,
+        "n_params": spec.n_params, "layers": spec.n_layers, "hidden_size": spec.hidden_size,
+        "heads": spec.n_heads, "kv_heads": spec.n_kv_heads, "head_dim": spec.head_dim,
+        "vocab_size": spec.vocab_size, "context_length": spec.rope.context_length or spec.context_length,
+        "rope": {"theta": spec.rope_theta, **spec.rope.to_json()},
+        "tensor_types": types, "bits_per_weight": round(total_bits / max(total_el, 1), 4),
+        "file_size": file_bytes(path),
+    }
+
+
+def inspect_gguf(path: Path) -> dict[str, Any]:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a valid GGUF"
+        raise KilnError(f"{path}: not a valid GGUF file ({exc})") from None
+
+    def get(key: str) -> Any:
+        field = reader.fields.get(key)
+        return field.contents() if field is not None else None
+
+    arch = get("general.architecture")
+    if arch is None:
+        raise KilnError(f"{path}: GGUF key general.architecture is missing")
+    types: dict[str, int] = {}
+    n_bytes = n_el = 0
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        n_bytes += int(t.n_bytes)
+        n_el += int(t.n_elements)
+    tied = not any(t.name == "output.weight" for t in reader.tensors)
+    embd = next((int(t.n_elements) for t in reader.tensors if t.name == "token_embd.weight"), 0)
+    return {
+        "path": str(path), "format": "gguf", "architecture": arch, "name": get("general.name"),
+        "n_params": n_el, "n_params_untied": n_el + (embd if tied else 0),
+        "layers": get(f"{arch}.block_count"), "hidden_size": get(f"{arch}.embedding_length"),
+        "heads": get(f"{arch}.attention.head_count"), "kv_heads": get(f"{arch}.attention.head_count_kv"),
+        "vocab_size": len(get("tokenizer.ggml.tokens") or []),
+        "context_length": get(f"{arch}.context_length"),
+        "rope": {
+            "theta": get(f"{arch}.rope.freq_base"), "type": get(f"{arch}.rope.scaling.type") or "none",
+            "factor": get(f"{arch}.rope.scaling.factor"),
+            "original_context": get(f"{arch}.rope.scaling.original_context_length"),
+        },
+        "file_type": get("general.file_type"), "tensor_types": types,
+        "bits_per_weight": round(8 * n_bytes / max(n_el, 1), 4), "file_size": path.stat().st_size,
+    }

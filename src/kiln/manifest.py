@@ -1,0 +1,37 @@
+"""The record written next to every artifact: where it came from, how, and how faithful it is.
+
+Deterministic on purpose (no timestamps, sorted keys): the same input and options
+give a byte-identical manifest, like the artifact itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kiln import __version__
+from kiln.atomic import atomic_file, sha256_file
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    return {"name": path.name, "sha256": sha256_file(path), "size": path.stat().st_size}
+
+
+def manifest_path(artifact: Path) -> Path:
+    return artifact.with_name(artifact.name + ".manifest.json")
+
+
+def write_manifest(artifact: Path, record: dict[str, Any]) -> Path:
+    body = {"kiln_version": __version__, **record}
+    dest = manifest_path(artifact)
+    with atomic_file(dest) as tmp:
+        tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return dest
+
+
+def read_manifest(artifact: Path) -> dict[str, Any] | None:
+    path = manifest_path(artifact)
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))

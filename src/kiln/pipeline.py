@@ -1,0 +1,125 @@
+"""The Python API behind `kiln export gguf`: read → resolve rope → write → Modelfile → verify → manifest.
+
+The CLI is a thin layer over these functions so apps and recipes get exactly the same behaviour.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kiln.atomic import atomic_file
+from kiln.bytelevel import describe, reachable_missing
+from kiln.checkpoint import load_checkpoint
+from kiln.checkpoint.rope import resolve
+from kiln.compress.llama_quant import quant_type
+from kiln.errors import KilnError
+from kiln.manifest import file_record, write_manifest
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class GGUFExportResult:
+    gguf: Path
+    manifest: Path
+    modelfile: Path | None
+    record: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def modelfile_path(gguf: Path) -> Path:
+    """`model.q8_0.gguf` -> `model.q8_0.Modelfile`: several GGUFs can share a directory."""
+    return gguf.with_name((gguf.name[:-5] if gguf.name.endswith(".gguf") else gguf.name) + ".Modelfile")
+
+
+def export_gguf_artifact(
+    src: str | Path,
+    out: str | Path,
+    quant: str = "f16",
+    *,
+    rope_scaling: str | None = None,
+    original_context: int | None = None,
+    context: int | None = None,
+    allow_shorter_context: bool = False,
+    imatrix: str | Path | None = None,
+    modelfile: bool = False,
+    verify: bool = True,
+    threads: int = 0,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> GGUFExportResult:
+    """Export `src` to the GGUF `out`, verified against `src` unless `verify=False`."""
+    from kiln.export.gguf import export_gguf
+
+    out = Path(out)
+    qtype = quant_type(quant)
+    ckpt = load_checkpoint(src, allow_pickle=allow_pickle)
+    rope = resolve(ckpt.spec.rope, rope_scaling, original_context, context, allow_shorter_context)
+    imatrix_path = Path(imatrix) if imatrix else None
+    stats = export_gguf(ckpt, out, qtype, rope, imatrix=imatrix_path, threads=threads, progress=progress)
+    warnings: list[str] = []
+    reachable = reachable_missing(ckpt.spec.tokenizer.unrepresentable_bytes) if ckpt.spec.tokenizer else []
+    if reachable:
+        warnings.append(f"vocabulary has no byte token for {describe(reachable)}: "
+                        "llama.cpp aborts on text containing them; kiln's runtime refuses such text")
+    mf = None
+    if modelfile:
+        mf = write_modelfile_for(out, ckpt.spec.source, warnings)
+    verification = None
+    if verify:
+        from kiln.verify.gguf_check import verify_gguf
+
+        if progress:
+            progress("verify", 0, 1)
+        result = verify_gguf(out, ckpt.spec.source, rope, qtype.name, threads=threads or None)
+        verification = result.to_json()
+        if progress:
+            progress("verify", 1, 1)
+    record = {
+        "kind": "gguf",
+        "source": {"path": str(Path(src).resolve()), "sha256": ckpt.source_hash(),
+                   "architecture": ckpt.spec.hf_architecture, "family": ckpt.spec.family},
+        "options": {"quant": qtype.name, "rope_scaling": rope_scaling, "original_context": original_context,
+                    "context": context, "imatrix": str(imatrix_path) if imatrix_path else None},
+        "rope": rope.to_json(),
+        "files": [file_record(out)] + ([file_record(mf)] if mf else []),
+        "bits_per_weight": round(stats.bits_per_weight, 4),
+        "tensor_types": stats.tensor_types,
+        "n_params": ckpt.spec.n_params,
+        "verification": verification,
+        "warnings": warnings,
+    }
+    manifest = write_manifest(out, record)
+    if verification is not None and not verification["passed"]:
+        raise KilnError(f"{out}: verification failed: {verification['criterion']} (see {manifest.name})")
+    return GGUFExportResult(out, manifest, mf, record, warnings)
+
+
+def write_modelfile_for(gguf: Path, source: Path | None = None, warnings: list[str] | None = None,
+                        out: Path | None = None) -> Path:
+    """Write `<name>.Modelfile` beside `gguf` (with the source's LICENSE copied next to it)."""
+    from kiln.export.modelfile import render_modelfile
+
+    if source is not None:
+        for name in ("LICENSE", "LICENSE.txt", "LICENSE.md"):
+            lic = source / name
+            dest = gguf.parent / "LICENSE"
+            if lic.exists() and not dest.exists():
+                with atomic_file(dest) as tmp:
+                    shutil.copyfile(lic, tmp)
+                break
+    dest = out or modelfile_path(gguf)
+    import os
+
+    rel = os.path.relpath(gguf.resolve(), dest.resolve().parent)
+    ref = rel if rel.startswith("..") else f"./{rel}"
+    result = render_modelfile(gguf, from_ref=ref)
+    if warnings is not None:
+        warnings.extend(result.warnings)
+    with atomic_file(dest) as tmp:
+        tmp.write_text(result.text, encoding="utf-8")
+    return dest

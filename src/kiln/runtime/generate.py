@@ -1,0 +1,56 @@
+"""Plain generation on any engine: greedy or sampled, stopping at end-of-generation tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kiln.runtime.chat import render_chat
+from kiln.runtime.engine import Engine
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    stopped: str  # "eog" or "length"
+
+
+def chat_prompt(engine: Engine, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Tokens of a chat prompt rendered with the artifact's template (bos handled once)."""
+    if not engine.chat_template:
+        from kiln.errors import KilnError
+
+        raise KilnError("this artifact has no chat template; use a plain prompt")
+    bos = engine.detokenize([engine.bos_id]) if engine.bos_id is not None else ""
+    text = render_chat(engine.chat_template, messages, bos_token=bos)
+    if engine.add_bos and bos and text.startswith(bos):
+        text = text[len(bos):]  # the tokenizer adds it
+    return engine.tokenize(text, add_special=True, parse_special=True)
+
+
+def generate(engine: Engine, prompt: Sequence[int], max_tokens: int = 128, temperature: float = 0.0,
+             seed: int | None = None, on_token: Callable[[int], None] | None = None) -> Generation:
+    rng = np.random.default_rng(seed)
+    engine.reset()
+    logits = engine.prefill(prompt, seq=0)
+    out: list[int] = []
+    stopped = "length"
+    for _ in range(max_tokens):
+        if temperature <= 0:
+            tok = int(np.argmax(logits))
+        else:
+            z = logits.astype(np.float64) / temperature
+            p = np.exp(z - z.max())
+            tok = int(rng.choice(len(p), p=p / p.sum()))
+        if tok in engine.eog_ids:
+            stopped = "eog"
+            break
+        out.append(tok)
+        if on_token:
+            on_token(tok)
+        logits = engine.step([tok], [0])[0]
+    return Generation(engine.detokenize(out), out, len(prompt), stopped)

@@ -1,0 +1,114 @@
+"""Verify a GGUF against its source checkpoint: logits at short and long positions.
+
+This is the one place that imports both an exporter's output format and an engine
+(DESIGN.md §1). The result goes into the artifact's manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from kiln.checkpoint.rope import RopeSettings
+from kiln.runtime.llamacpp import LlamaCppEngine
+from kiln.verify import tolerances
+from kiln.verify.parity import Parity, compare, compare_many
+from kiln.verify.reference import Reference
+
+SHORT_PROMPTS = (
+    "The capital of France is",
+    "def add(a, b):\n    return",
+    "Once upon a time, in a small village by the sea,",
+    "1, 2, 3, 5, 8, 13,",
+)
+
+
+def parity_text() -> str:
+    return resources.files("kiln.verify").joinpath("data/parity.txt").read_text(encoding="utf-8")
+
+
+@dataclass
+class Verification:
+    quant: str
+    passed: bool
+    criterion: str
+    short: Parity
+    long: Parity
+    long_start: int
+    text_kl: float
+    text_top1: float
+    text_positions: int
+    floor_rel: float | None = None
+    bound: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "quant": self.quant, "passed": self.passed, "criterion": self.criterion,
+            "short_positions": self.short.to_json(), "long_positions": self.long.to_json(),
+            "long_start": self.long_start, "text_mean_kl": self.text_kl, "text_top1": self.text_top1,
+            "text_positions": self.text_positions, "floor_rel": self.floor_rel, "bound": self.bound,
+            "notes": self.notes,
+        }
+
+    def summary(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        return (f"{verdict} {self.criterion}; short max|Δ|/std {self.short.rel:.2e}, long (from position "
+                f"{self.long_start}) {self.long.rel:.2e}, text KL {self.text_kl:.4f}, top-1 {self.text_top1:.3f}")
+
+
+def verify_gguf(gguf: str | Path, source: str | Path, rope: RopeSettings, quant: str,
+                threads: int | None = None, reference: Reference | None = None,
+                max_text_tokens: int = 384) -> Verification:
+    """Compare llama.cpp on `gguf` with transformers on `source` (same rope settings)."""
+    ref = reference or Reference(source, rope)
+    text = parity_text()
+    # Flash attention off and an f32 KV cache: both would round activations to f16 and hide
+    # what the artifact itself contributes (see kiln.verify.tolerances).
+    engine = LlamaCppEngine(gguf, n_ctx=max(512, max_text_tokens + 8), threads=threads,
+                            flash_attn=False, type_k=0, type_v=0)
+    try:
+        prompts = [engine.tokenize(p) for p in SHORT_PROMPTS]
+        text_ids = engine.tokenize(text)[:max_text_tokens]
+        context = int(rope.context_length or engine.context_length)
+        longest = max(len(p) for p in prompts)
+        long_start = max(0, context - longest - 1)
+        short_pairs, long_pairs = [], []
+        floor_pairs = []
+        floor_model = None
+        if quant in ("f16", "bf16"):
+            floor_model = ref.rounded_copy("float16" if quant == "f16" else "bfloat16")
+        for ids in prompts:
+            r0 = ref.logits(ids)
+            short_pairs.append((r0, engine.score(ids)))
+            r1 = ref.logits(ids, start=long_start)
+            long_pairs.append((r1, engine.score(ids, start=long_start)))
+            if floor_model is not None:
+                floor_pairs.append((r0, floor_model.logits(ids)))
+        text_ref = ref.logits(text_ids)
+        text_cmp = compare(text_ref, engine.score(text_ids))
+    finally:
+        engine.close()
+    short, long = compare_many(short_pairs), compare_many(long_pairs)
+    max_pos = long_start + longest
+    worst = max(short.rel, long.rel)
+    floor_rel = bound = None
+    if quant == "f32":
+        bound = tolerances.f32_bound(max_pos)
+        passed, criterion = worst <= bound, f"max|Δ|/std {worst:.2e} <= {bound:.2e} (f32 bound)"
+    elif floor_model is not None:
+        floor_rel = compare_many(floor_pairs).rel
+        bound = tolerances.float_bound(floor_rel, max_pos)
+        passed = worst <= bound
+        criterion = f"max|Δ|/std {worst:.2e} <= {bound:.2e} (4x weight-rounding floor {floor_rel:.2e})"
+    elif quant in tolerances.KL_BOUNDS:
+        bound = tolerances.KL_BOUNDS[quant]
+        passed = text_cmp.mean_kl <= bound
+        criterion = f"mean KL {text_cmp.mean_kl:.4f} <= {bound} ({quant} bound)"
+    else:
+        passed, criterion = True, f"mean KL {text_cmp.mean_kl:.4f} (no published anchor for {quant}: reported only)"
+    return Verification(quant=quant, passed=passed, criterion=criterion, short=short, long=long,
+                        long_start=long_start, text_kl=text_cmp.mean_kl, text_top1=text_cmp.top1,
+                        text_positions=text_cmp.positions, floor_rel=floor_rel, bound=bound)

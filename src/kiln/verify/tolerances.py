@@ -1,0 +1,47 @@
+"""How close an artifact must be to its source, and why.
+
+Figures were measured on SmolLM2-135M and the tiny fixtures with llama.cpp in the
+verification configuration (flash attention off, f32 KV cache: both would otherwise
+round activations to f16 and blur what the *artifact* contributes):
+
+* f32: 1e-5 of the logits' std at position 0 (float32 noise: transformers itself
+  differs from a float64 run by 9e-6), growing with position to 4.4e-4 at 8000, because
+  llama.cpp forms rope angles in float32 by repeated multiplication. Bound:
+  1e-4 + 1.5e-7 * position (3x the worst measured).
+* f16 / bf16: the floor is what rounding the weights alone does (measured per model at
+  verification time by running the reference with rounded weights). llama.cpp also
+  rounds the activations to the weight type inside each matmul, an error of the same
+  unit roundoff on the other operand, so about twice the floor is expected; measured
+  up to 2.8x. Bound: 4x the floor plus the f32 bound.
+* quantized types: mean KL(reference ‖ artifact) over the parity text. Bounds are set
+  from llama.cpp's published KL tables (reference/ecosystem.md §5.3: Llama-3-8B q8_0
+  0.0014, q6_K 0.0055, q5_K_M 0.011, q4_K_M 0.031, q4_0 0.072) scaled by 4 for a 135M
+  model (small models are several times more sensitive: DESIGN.md §4 measured 0.0044
+  for q8_0 and 0.059 for q4_k_m on SmolLM2, 3.2x and 1.9x the 8B figures) and rounded up.
+  Types without a published anchor are reported, not bounded.
+"""
+
+from __future__ import annotations
+
+F32_BASE = 1e-4
+F32_PER_POSITION = 1.5e-7
+FLOAT_FLOOR_MULTIPLE = 4.0
+
+KL_BOUNDS: dict[str, float] = {
+    "q8_0": 0.01,
+    "q6_k": 0.025,
+    "q5_k_m": 0.05,
+    "q5_k_s": 0.06,
+    "q4_k_m": 0.13,
+    "q4_k_s": 0.18,
+    "q4_1": 0.4,
+    "q4_0": 0.4,
+}
+
+
+def f32_bound(max_position: int) -> float:
+    return F32_BASE + F32_PER_POSITION * max_position
+
+
+def float_bound(floor_rel: float, max_position: int) -> float:
+    return FLOAT_FLOOR_MULTIPLE * floor_rel + f32_bound(max_position)
