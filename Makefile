@@ -1,0 +1,48 @@
+# kiln: `make demo` and `make test` do all set-up on a fresh machine (Python 3.11, gcc, cmake).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+KILN := $(VENV)/bin/kiln
+export KILN_CACHE ?= $(HOME)/.cache/kiln
+LLAMA_VERSION := 0.3.36
+STAMP := $(VENV)/.kiln-installed
+DEMO := out/demo
+SMOL := $(KILN_CACHE)/fixtures/smollm2-135m
+
+.PHONY: setup fixtures demo test go-toolchain bench clean
+
+$(STAMP): pyproject.toml scripts/build-llama-wheel.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0   # the CPU wheel on this machine's disk (DESIGN.md §2)
+	scripts/build-llama-wheel.sh $(PY) $(KILN_CACHE)/wheels $(LLAMA_VERSION)
+	$(PY) -m pip install -q $$(ls $(KILN_CACHE)/wheels/llama-cpp-python-*/llama_cpp_python-$(LLAMA_VERSION)-*.whl | head -1)
+	$(PY) -m pip install -q -e '.[torch,llama,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+fixtures: setup
+	$(KILN) fixtures
+
+# Go renders Ollama TEMPLATEs in the Modelfile tests; without it those tests skip with a reason.
+go-toolchain:
+	@command -v go >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq golang-go) >/dev/null 2>&1 \
+	  && echo "installed golang-go" || echo "go unavailable: Modelfile Go-template tests will be skipped"; }
+
+demo: fixtures
+	$(KILN) export gguf $(SMOL) -o $(DEMO)/smollm2-135m.q8_0.gguf --quant q8_0 --modelfile
+	$(KILN) export gguf $(SMOL) -o $(DEMO)/smollm2-135m.q4_k_m.gguf --quant q4_k_m --modelfile
+	$(KILN) inspect $(DEMO)/smollm2-135m.q4_k_m.gguf
+	$(KILN) generate $(DEMO)/smollm2-135m.q4_k_m.gguf --chat --max-tokens 32 \
+	  --system "Answer the question in one short sentence." --prompt "What is the capital of France?"
+	@echo "Artifacts, manifests and Modelfiles are in $(DEMO)/ (ollama create smollm2 -f $(DEMO)/smollm2-135m.q4_k_m.Modelfile)"
+
+test: fixtures go-toolchain
+	$(PY) -m pytest -q
+
+bench: fixtures
+	$(PY) bench/convert.py
+
+clean:
+	rm -rf out bench/results .pytest_cache
