@@ -62,12 +62,10 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
     arch = get("general.architecture")
     if arch is None:
         raise KilnError(f"{path}: GGUF key general.architecture is missing")
-    types: dict[str, int] = {}
-    n_bytes = n_el = 0
-    for t in reader.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-        n_bytes += int(t.n_bytes)
-        n_el += int(t.n_elements)
+    from kiln.export.gguf import tensor_stats
+
+    stats = tensor_stats(reader, path)
+    n_el = stats.n_elements
     tied = not any(t.name == "output.weight" for t in reader.tensors)
     embd = next((int(t.n_elements) for t in reader.tensors if t.name == "token_embd.weight"), 0)
     return {
@@ -82,6 +80,6 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
             "factor": get(f"{arch}.rope.scaling.factor"),
             "original_context": get(f"{arch}.rope.scaling.original_context_length"),
         },
-        "file_type": get("general.file_type"), "tensor_types": types,
-        "bits_per_weight": round(8 * n_bytes / max(n_el, 1), 4), "file_size": path.stat().st_size,
+        "file_type": get("general.file_type"), "tensor_types": stats.tensor_types,
+        "bits_per_weight": round(stats.bits_per_weight, 4), "file_size": stats.size,
     }

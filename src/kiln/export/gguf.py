@@ -116,6 +116,11 @@ def validate_gguf(path: Path) -> GGUFStats:
         if essential:
             raise KilnError(f"{path}: byte-level vocabulary lacks byte tokens for {describe(essential)}; "
                             "llama.cpp would abort on ordinary text")
+    return tensor_stats(reader, path)
+
+
+def tensor_stats(reader: GGUFReader, path: Path) -> GGUFStats:
+    """Tensor type counts and real bits per weight (all tensor bytes over all elements)."""
     types: dict[str, int] = {}
     n_bytes = n_el = 0
     for t in reader.tensors:
