@@ -25,13 +25,16 @@ def _emit_json(data: Any) -> None:
 @contextmanager
 def _progress(enabled: bool):
     """A rich progress bar fed by `(stage, done, total)` callbacks from the API."""
-    if not enabled:
+    console = _stderr_console() if enabled else None
+    if console is None or not console.is_interactive:
+        # No bar when stderr is not a terminal: rich's Progress.stop() would print a blank
+        # line there, so a failing export's stderr would not be the single error line.
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True, console=_stderr_console()) as bar:
+                  transient=True, console=console) as bar:
         tasks: dict[str, int] = {}
 
         def update(stage: str, done: int, total: int) -> None:

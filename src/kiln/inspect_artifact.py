@@ -67,10 +67,9 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
     stats = tensor_stats(reader, path)
     n_el = stats.n_elements
     tied = not any(t.name == "output.weight" for t in reader.tensors)
-    embd = next((int(t.n_elements) for t in reader.tensors if t.name == "token_embd.weight"), 0)
     return {
         "path": str(path), "format": "gguf", "architecture": arch, "name": get("general.name"),
-        "n_params": n_el, "n_params_untied": n_el + (embd if tied else 0),
+        "n_params": n_el, "tied_embeddings": tied,
         "layers": get(f"{arch}.block_count"), "hidden_size": get(f"{arch}.embedding_length"),
         "heads": get(f"{arch}.attention.head_count"), "kv_heads": get(f"{arch}.attention.head_count_kv"),
         "vocab_size": len(get("tokenizer.ggml.tokens") or []),
