@@ -27,12 +27,16 @@ def _check_parent(dest: Path) -> None:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise KilnError(f"cannot create output directory {parent}: {exc.strerror}") from None
+    if not parent.is_dir():
+        raise KilnError(f"output directory {parent} is not a directory")
     if not os.access(parent, os.W_OK):
         raise KilnError(f"output directory {parent} is not writable")
 
 
 def _os_error(dest: Path, exc: OSError) -> KilnError:
-    if exc.errno == errno.ENOSPC:
+    # numpy's tofile (used by gguf-py's writer) reports a failed fwrite as a bare
+    # "N requested and M written" OSError with no errno: on a regular file that is a full disk.
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT) or (exc.errno is None and "requested and" in str(exc)):
         return KilnError(f"disk full while writing {dest}")
     return KilnError(f"cannot write {dest}: {exc.strerror or exc}")
 
@@ -42,7 +46,10 @@ def atomic_file(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` only if the block succeeds."""
     dest = Path(dest)
     _check_parent(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    except OSError as exc:  # e.g. /proc: the check above passes for root, creating fails
+        raise _os_error(dest, exc) from None
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get normal permissions
     os.close(fd)
     tmp_path = Path(tmp)
@@ -62,7 +69,10 @@ def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary directory beside ``dest``; it replaces ``dest`` only if the block succeeds."""
     dest = Path(dest)
     _check_parent(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
+    except OSError as exc:
+        raise _os_error(dest, exc) from None
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp

@@ -54,6 +54,8 @@ def _read_header(path: Path) -> list[TensorInfo]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise KilnError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise KilnError(f"{path}: corrupt safetensors header (not a JSON object)")
     base = 8 + n
     infos = []
     for name, meta in header.items():
@@ -61,6 +63,9 @@ def _read_header(path: Path) -> list[TensorInfo]:
             continue
         try:
             dtype, shape, (lo, hi) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+            if (not isinstance(dtype, str) or hi < lo
+                    or not all(isinstance(v, int) and v >= 0 for v in (lo, hi, *shape))):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise KilnError(f"{path}: corrupt safetensors entry for tensor {name!r}") from None
         if dtype not in _DTYPES:
