@@ -59,6 +59,19 @@ def gguf_name(hf_name: str) -> str:
     raise KeyError(hf_name)
 
 
+def hf_name(gguf_tensor: str) -> str | None:
+    """Inverse of `gguf_name` (None for generated tensors such as rope_freqs)."""
+    for hf, gg in GLOBAL_NAMES.items():
+        if gg == gguf_tensor:
+            return hf
+    if gguf_tensor.startswith("blk."):
+        index, _, suffix = gguf_tensor[4:].partition(".")
+        for hf, gg in LAYER_NAMES.items():
+            if gg == suffix:
+                return f"model.layers.{index}.{hf}"
+    return None
+
+
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF rotate-half row order -> llama.cpp interleaved pairs (as convert_hf_to_gguf does)."""
     rows = w.shape[0]

@@ -70,6 +70,38 @@ class Reference:
         return clone
 
 
+def with_gguf_weights(ref: Reference, gguf: str | Path, permuted_qk: bool, n_heads: int,
+                      n_kv_heads: int) -> Reference:
+    """The reference with every weight replaced by the GGUF's dequantized one.
+
+    This isolates what quantizing the *weights* costs from how llama.cpp runs them: an
+    artifact is faithful if llama.cpp's output stays close to this model's.
+    """
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from kiln.export.gguf_arch import hf_name, unpermute_rows
+
+    torch = ref._torch
+    clone = ref.rounded_copy("float32")
+    params = dict(clone.model.named_parameters())
+    tied_head = "lm_head.weight" in params and params["lm_head.weight"] is params.get("model.embed_tokens.weight")
+    with torch.no_grad():
+        for t in GGUFReader(gguf).tensors:
+            name = hf_name(t.name)
+            if name is None or name not in params:
+                continue
+            w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
+            if permuted_qk and (".q_proj." in name or ".k_proj." in name):
+                w = unpermute_rows(w, n_heads if ".q_proj." in name else n_kv_heads)
+            params[name].copy_(torch.from_numpy(w.copy()))
+    if tied_head is False and "lm_head.weight" in params and not any(
+            t.name == "output.weight" for t in GGUFReader(gguf).tensors):
+        with torch.no_grad():
+            params["lm_head.weight"].copy_(params["model.embed_tokens.weight"])
+    return clone
+
+
 def _rope_theta(config) -> float:
     params = getattr(config, "rope_parameters", None) or {}
     if isinstance(params, dict) and "rope_theta" in params:
