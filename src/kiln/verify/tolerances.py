@@ -10,7 +10,8 @@ round activations to f16 and blur what the *artifact* contributes):
   (head_dim/2) * 2^-24, i.e. ~2e-6 rad per unit of position) where transformers uses one
   multiply. Measured: SmolLM2 2.6e-4 at position 8173 (3e-8 per position), tiny-qwen2
   with yarn x4 9.0e-4 at position 2040 (4.4e-7 per position: random weights with a large
-  init amplify attention-angle errors). Bound: 1e-4 + 1e-6 * position (2x the worst).
+  init amplify attention-angle errors; tiny-llama yarn x4 1.3e-3 at 2040 is the worst,
+  1.65x under the bound). Bound: 1e-4 + 1e-6 * position.
 * f16 / bf16: the floor is what rounding the weights alone does (measured per model at
   verification time by running the reference with rounded weights). llama.cpp also
   rounds the activations to the weight type inside each matmul, an error of the same
