@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml scripts/build-llama-wheel.sh
 	$(PY) -m pip install -q torch==2.13.0   # the CPU wheel on this machine's disk (DESIGN.md §2)
 	scripts/build-llama-wheel.sh $(PY) $(KILN_CACHE)/wheels $(LLAMA_VERSION)
 	$(PY) -m pip install -q $$(ls $(KILN_CACHE)/wheels/llama-cpp-python-*/llama_cpp_python-$(LLAMA_VERSION)-*.whl | head -1)
-	$(PY) -m pip install -q -e '.[torch,llama,dev]'
+	$(PY) -m pip install -q -e '.[torch,llama,onnx,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -28,6 +28,12 @@ def _byte_to_char() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
+@cache
+def char_to_byte() -> dict[str, int]:
+    """Stand-in character -> raw byte: turns a byte-level token string back into its bytes."""
+    return {c: b for b, c in _byte_to_char().items()}
+
+
 def byte_alphabet() -> frozenset[str]:
     """The 256 printable stand-ins byte-level BPE uses for raw bytes."""
     return frozenset(_byte_to_char().values())

@@ -54,15 +54,17 @@ def _stderr_console():
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="kiln")
 def cli() -> None:
-    """kiln: compress small causal LMs, bake their RoPE/context settings, export GGUF, verified.
+    """kiln: compress small causal LMs, bake their RoPE/context settings, export GGUF and ONNX, verified.
 
     \b
     Examples:
       kiln fixtures                                  # build the test models into the cache
       kiln export gguf ./SmolLM2 -o out/smol.q4_k_m.gguf --quant q4_k_m --modelfile
       kiln export gguf ./Qwen2.5-0.5B -o q.gguf --quant q8_0 --rope-scaling yarn:4 --original-context 32768
+      kiln export onnx ./SmolLM2 -o out/smol-int4 --precision int4
       kiln inspect out/smol.q4_k_m.gguf --json
       kiln generate out/smol.q4_k_m.gguf --chat --prompt "What is the capital of France?"
+      kiln generate out/smol-int4 --chat --prompt "What is the capital of France?"
     """
 
 
@@ -142,6 +144,67 @@ def export_gguf_cmd(src: Path, out: Path, quant: str, imatrix: Path | None, rope
         click.echo(f"warning: {w}", err=True)
 
 
+@export.command("onnx")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--precision", "-p", default="int4", show_default=True,
+              type=click.Choice(["fp32", "fp16", "int8", "int4"]), help="Weight precision (int4/int8: MatMulNBits).")
+@click.option("--block-size", type=int, default=32, show_default=True, help="int4/int8 block: 16, 32, 64, 128 or 256.")
+@click.option("--symmetric/--asymmetric", default=True, show_default=True, help="int4/int8 without/with zero points.")
+@click.option("--accuracy-level", type=int, default=4, show_default=True,
+              help="MatMulNBits compute: 4 = int8 activations (fast on CPU), 1 = fp32, 0 = unset.")
+@click.option("--lm-head", type=click.Choice(["quant", "int8", "float"]), default="quant", show_default=True,
+              help="LM head like the body, at 8 bits (int4 only), or unquantized.")
+@click.option("--embeddings", type=click.Choice(["quant", "float"]), default="quant", show_default=True,
+              help="Token embeddings quantized (int4 GatherBlockQuantized where possible) or unquantized.")
+@click.option("--execution-provider", "-e", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Target of the graph (fp16 needs cuda).")
+@click.option("--rope-scaling", help="Bake RoPE scaling: linear:F, yarn:F or none (default: from config.json).")
+@click.option("--original-context", type=int, help="Context the model was trained at (for --rope-scaling).")
+@click.option("--context", type=int, help="Context length the artifact advertises (default: factor x original).")
+@click.option("--allow-shorter-context", is_flag=True, help="Permit --context below the trained context.")
+@click.option("--no-verify", is_flag=True, help="Skip the logits check against the source (not recommended).")
+@click.option("--threads", type=int, default=0, help="Threads for verifying (0: all).")
+@click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin (loaded with weights_only=True).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def export_onnx_cmd(src: Path, out: Path, precision: str, block_size: int, symmetric: bool, accuracy_level: int,
+                    lm_head: str, embeddings: str, execution_provider: str, rope_scaling: str | None,
+                    original_context: int | None, context: int | None, allow_shorter_context: bool,
+                    no_verify: bool, threads: int, allow_pickle: bool, as_json: bool) -> None:
+    """Export the Hugging Face checkpoint SRC to an ONNX model directory, verified in onnxruntime.
+
+    The directory holds model.onnx (+ model.onnx.data), genai_config.json (onnxruntime-genai
+    loads it as is), the tokenizer files and manifest.json.
+
+    \b
+    Examples:
+      kiln export onnx ./SmolLM2-135M-Instruct -o smol-int4 --precision int4
+      kiln export onnx ./Qwen2.5-0.5B -o qwen-int8 -p int8 --rope-scaling yarn:4 --original-context 32768
+      kiln export onnx ./model -o m-int4 -p int4 --block-size 128 --asymmetric --lm-head float
+    """
+    from kiln.pipeline import export_onnx_artifact
+
+    with _progress(not as_json) as update:
+        result = export_onnx_artifact(
+            src, out, precision, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
+            lm_head=lm_head, embeddings=embeddings, execution_provider=execution_provider,
+            rope_scaling=rope_scaling, original_context=original_context, context=context,
+            allow_shorter_context=allow_shorter_context, verify=not no_verify, threads=threads,
+            allow_pickle=allow_pickle, progress=update)
+    if as_json:
+        _emit_json(result.record)
+        return
+    rec = result.record
+    size = sum(f["size"] for f in rec["files"] if f["name"].startswith("model.onnx"))
+    click.echo(f"wrote {result.directory}/ ({size / 1e6:.1f} MB of graph and weights, {rec['bits_per_weight']:.2f} "
+               f"bits/weight, rope {rec['rope'].get('type')}, context {rec['rope'].get('context_length')})")
+    ver = rec.get("verification")
+    if ver:
+        click.echo(f"verified: {ver['criterion']}; text KL {ver['text_mean_kl']:.4f}, top-1 {ver['text_top1']:.3f}")
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+
+
 @cli.command()
 @click.argument("gguf", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Output path (default: NAME.Modelfile beside the GGUF).")
@@ -205,12 +268,13 @@ def inspect(path: Path, as_json: bool, allow_pickle: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def generate(artifact: Path, prompt: str, chat: bool, system: str | None, max_tokens: int, temperature: float,
              seed: int | None, threads: int, ctx: int, as_json: bool) -> None:
-    """Generate text from an exported artifact.
+    """Generate text from an exported artifact (a .gguf file or an ONNX model directory).
 
     \b
     Examples:
       kiln generate smol.q4_k_m.gguf --chat --prompt "What is the capital of France?"
       kiln generate smol.q8_0.gguf --prompt "Once upon a time" --temperature 0.8 --seed 1
+      kiln generate smol-int4/ --chat --prompt "What is the capital of France?"   # an ONNX directory
     """
     from kiln.runtime import load
     from kiln.runtime.generate import chat_prompt, generate as run

@@ -23,15 +23,20 @@ def manifest_path(artifact: Path) -> Path:
 
 
 def write_manifest(artifact: Path, record: dict[str, Any]) -> Path:
+    """`<artifact>.manifest.json` beside a single-file artifact (GGUF)."""
+    return write_manifest_file(manifest_path(artifact), record)
+
+
+def write_manifest_file(dest: Path, record: dict[str, Any]) -> Path:
+    """The manifest at `dest` (a directory artifact keeps it inside, as `manifest.json`)."""
     body = {"kiln_version": __version__, **record}
-    dest = manifest_path(artifact)
     with atomic_file(dest) as tmp:
         tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return dest
 
 
 def read_manifest(artifact: Path) -> dict[str, Any] | None:
-    path = manifest_path(artifact)
+    path = artifact / "manifest.json" if artifact.is_dir() else manifest_path(artifact)
     if not path.exists():
         return None
     return json.loads(path.read_text(encoding="utf-8"))

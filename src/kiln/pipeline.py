@@ -1,4 +1,4 @@
-"""The Python API behind `kiln export gguf`: read → resolve rope → write → Modelfile → verify → manifest.
+"""The Python API behind `kiln export gguf|onnx`: read → resolve rope → write → (Modelfile) → verify → manifest.
 
 The CLI is a thin layer over these functions so apps and recipes get exactly the same behaviour.
 """
@@ -17,9 +17,17 @@ from kiln.checkpoint import load_checkpoint
 from kiln.checkpoint.rope import resolve
 from kiln.compress.llama_quant import quant_type
 from kiln.errors import KilnError
-from kiln.manifest import file_record, write_manifest
+from kiln.manifest import file_record, write_manifest, write_manifest_file
 
 Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class OnnxExportResult:
+    directory: Path
+    manifest: Path
+    record: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -123,3 +131,77 @@ def write_modelfile_for(gguf: Path, source: Path | None = None, warnings: list[s
     with atomic_file(dest) as tmp:
         tmp.write_text(result.text, encoding="utf-8")
     return dest
+
+
+ONNX_MANIFEST = "manifest.json"
+
+
+def export_onnx_artifact(
+    src: str | Path,
+    out: str | Path,
+    precision: str = "int4",
+    *,
+    block_size: int = 32,
+    symmetric: bool = True,
+    accuracy_level: int = 4,
+    lm_head: str = "quant",
+    embeddings: str = "quant",
+    execution_provider: str = "cpu",
+    rope_scaling: str | None = None,
+    original_context: int | None = None,
+    context: int | None = None,
+    allow_shorter_context: bool = False,
+    verify: bool = True,
+    threads: int = 0,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> OnnxExportResult:
+    """Export `src` to the ONNX model directory `out` (model.onnx + data, genai_config.json,
+    tokenizer files, manifest.json), verified in onnxruntime against `src` unless `verify=False`.
+
+    The directory appears only when complete: it is built beside `out` and renamed into place.
+    """
+    from kiln.atomic import atomic_dir
+    from kiln.export.onnx import OnnxOptions, check_supported, export_onnx, options_json
+
+    out = Path(out)
+    options = OnnxOptions(precision=precision, block_size=block_size, symmetric=symmetric,
+                          accuracy_level=accuracy_level, lm_head=lm_head, embeddings=embeddings,
+                          execution_provider=execution_provider)
+    options.validate()
+    ckpt = load_checkpoint(src, allow_pickle=allow_pickle)
+    check_supported(ckpt)
+    rope = resolve(ckpt.spec.rope, rope_scaling, original_context, context, allow_shorter_context)
+    if out.exists() and not out.is_dir():
+        raise KilnError(f"{out}: exists and is not a directory")
+    warnings: list[str] = []
+    with atomic_dir(out) as tmp:
+        stats = export_onnx(ckpt, tmp, options, rope, progress=progress)
+        verification = None
+        if verify:
+            from kiln.verify.onnx_check import verify_onnx
+
+            if progress:
+                progress("verify", 0, 1)
+            verification = verify_onnx(tmp, ckpt.spec.source, rope, precision, threads=threads or None).to_json()
+            if progress:
+                progress("verify", 1, 1)
+        record = {
+            "kind": "onnx",
+            "source": {"path": str(Path(src).resolve()), "sha256": ckpt.source_hash(),
+                       "architecture": ckpt.spec.hf_architecture, "family": ckpt.spec.family},
+            "options": {**options_json(options), "rope_scaling": rope_scaling,
+                        "original_context": original_context, "context": context},
+            "rope": rope.to_json(),
+            "files": [file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()],
+            "bits_per_weight": round(stats.bits_per_weight, 4),
+            "op_counts": stats.op_counts,
+            "n_params": ckpt.spec.n_params,
+            "verification": verification,
+            "warnings": warnings,
+        }
+        write_manifest_file(tmp / ONNX_MANIFEST, record)
+    manifest = out / ONNX_MANIFEST
+    if verification is not None and not verification["passed"]:
+        raise KilnError(f"{out}: verification failed: {verification['criterion']} (see {manifest})")
+    return OnnxExportResult(out, manifest, record, warnings)

@@ -9,7 +9,8 @@ from kiln.runtime.engine import Engine
 
 
 def load(path: str | Path, **options) -> Engine:
-    """Open an artifact with the engine its format needs (a .gguf file -> llama.cpp)."""
+    """Open an artifact with the engine its format needs: a .gguf file -> llama.cpp, an ONNX
+    model directory (genai_config.json + model.onnx) -> onnxruntime."""
     path = Path(path)
     if path.suffix == ".gguf":
         from kiln.runtime.llamacpp import LlamaCppEngine
@@ -17,7 +18,12 @@ def load(path: str | Path, **options) -> Engine:
         return LlamaCppEngine(path, **options)
     if not path.exists():
         raise KilnError(f"{path}: no such file or directory")
-    raise KilnError(f"{path}: unsupported artifact (expected a .gguf file)")
+    if path.is_dir() and (path / "genai_config.json").exists():
+        from kiln.runtime.onnx_engine import OnnxEngine
+
+        return OnnxEngine(path, **options)
+    raise KilnError(f"{path}: unsupported artifact (expected a .gguf file or an ONNX directory with "
+                    "genai_config.json)")
 
 
 __all__ = ["Engine", "load"]

@@ -7,10 +7,16 @@ forward pass, which is what SMC particles and batched decoding need.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
+
+
+def default_threads() -> int:
+    """Physical-core-ish default: decode is bandwidth-bound, more threads than cores only hurt."""
+    return max(1, min(os.cpu_count() or 1, 8))
 
 
 class Engine(ABC):

@@ -16,7 +16,7 @@ import numpy as np
 
 from kiln.errors import KilnError
 from kiln.bytelevel import describe, essential_missing, missing_bytes
-from kiln.runtime.engine import Engine
+from kiln.runtime.engine import Engine, default_threads
 
 
 def _llama():
@@ -28,10 +28,6 @@ def _llama():
 
     llamacpp_log.install()
     return llama_cpp
-
-
-def default_threads() -> int:
-    return max(1, min(os.cpu_count() or 1, 8))
 
 
 class LlamaCppEngine(Engine):

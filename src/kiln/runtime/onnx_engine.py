@@ -1,0 +1,327 @@
+"""onnxruntime engine: kiln's own `InferenceSession` loop over an exported ONNX directory.
+
+onnxruntime-genai's `Generator` is fast but offers no way to reorder its KV cache, which SMC
+resampling needs, so kiln drives the graph itself (DESIGN.md §2):
+
+* sequences are batch rows of one KV buffer per layer, ``[n_seq_max, kv_heads, n_ctx, head_dim]``;
+* past and present are bound (IOBinding) to the *same* buffer, so GroupQueryAttention writes
+  each new token in place at the row's own length, the way onnxruntime-genai runs these graphs
+  ("past_present_share_buffer"); growing a fresh past every step halves decode speed at depth;
+* each row carries its own length (the attention mask's row sum) and position (`position_ids`,
+  added to the graph by kiln's exporter), so rows of different lengths step together and a
+  sequence can start at any position;
+* resampling gathers rows by an ancestor index array, copying only the filled part of the cache.
+
+Imports numpy, onnxruntime and tokenizers only: apps embed it without torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.errors import KilnError
+from kiln.runtime.engine import Engine, default_threads
+
+# End-of-turn markers of the supported chat templates (ChatML, Llama 3, Zephyr/Phi, Qwen).
+EOG_TOKEN_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>", "</s>")
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise KilnError("running ONNX models needs onnxruntime (pip install 'kiln-llm[onnx]')") from None
+    return onnxruntime
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KilnError(f"{path}: missing (not an ONNX model directory written by kiln or onnxruntime-genai)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KilnError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise KilnError(f"{path}: expected a JSON object")
+    return data
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value if isinstance(v, int)]
+
+
+class OnnxEngine(Engine):
+    """Next-token logits for a batch of sequences from a GroupQueryAttention ONNX graph."""
+
+    def __init__(self, path: str | Path, n_ctx: int | None = None, n_seq_max: int = 1,
+                 threads: int | None = None, n_batch: int = 512):
+        ort = _ort()
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise KilnError(f"{self.path}: expected an ONNX model directory (with genai_config.json)")
+        genai = _read_json(self.path / "genai_config.json")
+        try:
+            model = genai["model"]
+            dec = model["decoder"]
+            self.n_layers = int(dec["num_hidden_layers"])
+            self.n_kv_heads = int(dec["num_key_value_heads"])
+            self.head_dim = int(dec["head_size"])
+            self.vocab_size = int(model["vocab_size"])
+            self.context_length = int(model["context_length"])
+            filename = dec["filename"]
+            names = dec["inputs"], dec["outputs"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise KilnError(f"{self.path / 'genai_config.json'}: missing or malformed entry {exc}") from None
+        self._in, self._out = names
+        onnx_path = self.path / filename
+        if not onnx_path.is_file():
+            raise KilnError(f"{onnx_path}: missing")
+        self.threads = threads or default_threads()
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        try:
+            self._sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise KilnError(f"{onnx_path}: onnxruntime cannot load it: {str(exc).splitlines()[0][:300]}") from None
+        inputs = {i.name: i for i in self._sess.get_inputs()}
+        self._pos_name = self._in.get("position_ids", "position_ids")
+        if self._pos_name not in inputs:
+            raise KilnError(f"{onnx_path}: the graph has no position_ids input; export it with `kiln export onnx` "
+                            "(onnxruntime-genai's own graphs derive positions from the mask only)")
+        past0 = self._in["past_key_names"] % 0
+        kv_type = inputs[past0].type
+        self._kv_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(kv_type)
+        if self._kv_dtype is None:
+            raise KilnError(f"{onnx_path}: KV cache type {kv_type} is not supported")
+        self.n_ctx = min(int(n_ctx or min(self.context_length, 4096)), self.context_length)
+        self.n_seq_max = int(n_seq_max)
+        self.n_batch = n_batch
+        shape = (self.n_seq_max, self.n_kv_heads, self.n_ctx, self.head_dim)
+        self._k = [np.zeros(shape, self._kv_dtype) for _ in range(self.n_layers)]
+        self._v = [np.zeros(shape, self._kv_dtype) for _ in range(self.n_layers)]
+        self._len = np.zeros(self.n_seq_max, np.int64)  # tokens held per row
+        self._pos = np.zeros(self.n_seq_max, np.int64)  # next position per row
+        self._live: set[int] = set()
+        self._bindings: dict[tuple[int, int], Any] = {}
+        self._ort = ort
+        self._load_tokenizer(genai)
+
+    # --- tokens -------------------------------------------------------------------------------
+    def _load_tokenizer(self, genai: dict[str, Any]) -> None:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise KilnError("running ONNX models needs the tokenizers package") from None
+        tok_path = self.path / "tokenizer.json"
+        if not tok_path.is_file():
+            raise KilnError(f"{tok_path}: missing")
+        try:
+            self._tok = Tokenizer.from_file(str(tok_path))
+        except Exception as exc:  # noqa: BLE001
+            raise KilnError(f"{tok_path}: not a valid tokenizer ({exc})") from None
+        cfg_path = self.path / "tokenizer_config.json"
+        tcfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+        template = tcfg.get("chat_template")
+        jinja = self.path / "chat_template.jinja"
+        if not template and jinja.is_file():
+            template = jinja.read_text(encoding="utf-8")
+        self.chat_template = template if isinstance(template, str) else None
+        model = genai["model"]
+        self.bos_id = next(iter(_ids(model.get("bos_token_id"))), None)
+        probe = self._tok.encode("", add_special_tokens=True).ids
+        self.add_bos = bool(probe) and self.bos_id is not None and probe[0] == self.bos_id
+        eog = set(_ids(model.get("eos_token_id")))
+        gen_path = self.path / "generation_config.json"
+        if gen_path.is_file():
+            eog.update(_ids(_read_json(gen_path).get("eos_token_id")))
+        for text in EOG_TOKEN_TEXTS:
+            tid = self._tok.token_to_id(text)
+            if tid is not None:
+                eog.add(tid)
+        self.eog_ids = frozenset(eog)
+        self._pieces = self._byte_table()
+
+    def _byte_table(self) -> list[bytes]:
+        from kiln.bytelevel import char_to_byte
+
+        decode = char_to_byte()
+        special = {t.content for t in self._tok.get_added_tokens_decoder().values()}
+        table: list[bytes] = []
+        for i in range(self.vocab_size):
+            piece = self._tok.id_to_token(i)
+            if piece is None:
+                table.append(b"")
+            elif piece in special or any(c not in decode for c in piece):
+                table.append(piece.encode("utf-8") if piece in special else self._tok.decode([i]).encode("utf-8"))
+            else:
+                table.append(bytes(decode[c] for c in piece))
+        return table
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        self._tok.encode_special_tokens = not parse_special
+        try:
+            return list(self._tok.encode(text, add_special_tokens=add_special).ids)
+        finally:
+            self._tok.encode_special_tokens = False
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._pieces[token] if 0 <= token < len(self._pieces) else b""
+
+    # --- running the graph --------------------------------------------------------------------
+    def _binding(self, lo: int, hi: int):
+        """An IOBinding with rows lo..hi-1 of every KV buffer as both past and present."""
+        key = (lo, hi)
+        io = self._bindings.get(key)
+        if io is None:
+            ort = self._ort
+            io = self._sess.io_binding()
+            io.bind_output(self._out.get("logits", "logits"), "cpu")  # output 0, rebound every run
+            for layer in range(self.n_layers):
+                for bufs, past, present in ((self._k, "past_key_names", "present_key_names"),
+                                            (self._v, "past_value_names", "present_value_names")):
+                    value = ort.OrtValue.ortvalue_from_numpy(bufs[layer][lo:hi])
+                    io.bind_ortvalue_input(self._in[past] % layer, value)
+                    io.bind_ortvalue_output(self._out[present] % layer, value)
+            self._bindings[key] = io
+        return io
+
+    def _run(self, lo: int, tokens: np.ndarray, lengths: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One forward pass over rows lo..lo+B-1: `tokens` [B, S] appended after `lengths` [B] tokens,
+        at `positions` [B, S]; returns logits [B, S, vocab]."""
+        ort = self._ort
+        b, s = tokens.shape
+        total = lengths + s
+        width = int(total.max())
+        if width > self.n_ctx:
+            raise KilnError(f"{width} tokens exceed the engine's context of {self.n_ctx} (pass a larger n_ctx)")
+        mask = (np.arange(width)[None, :] < total[:, None]).astype(np.int64)
+        io = self._binding(lo, lo + b)
+        io.bind_cpu_input(self._in.get("input_ids", "input_ids"), np.ascontiguousarray(tokens, np.int64))
+        io.bind_cpu_input(self._in.get("attention_mask", "attention_mask"), mask)
+        io.bind_cpu_input(self._pos_name, np.ascontiguousarray(positions, np.int64))
+        io.bind_output(self._out.get("logits", "logits"), "cpu")
+        try:
+            self._sess.run_with_iobinding(io)
+        except Exception as exc:  # noqa: BLE001
+            raise KilnError(f"onnxruntime failed: {str(exc).splitlines()[0][:300]}") from None
+        logits = io.get_outputs()[0].numpy()
+        return logits.astype(np.float32, copy=False)
+
+    def _check_seq(self, seq: int) -> None:
+        if not 0 <= seq < self.n_seq_max:
+            raise KilnError(f"sequence id {seq} is out of range (this engine holds {self.n_seq_max} sequences)")
+
+    def prefill(self, tokens: Sequence[int], seq: int = 0, all_logits: bool = False,
+                start: int | None = None) -> np.ndarray:
+        tokens = list(tokens)
+        if not tokens:
+            raise KilnError("nothing to prefill: empty token list")
+        self._check_seq(seq)
+        held = int(self._len[seq]) if seq in self._live else 0
+        if start is not None and held:
+            raise KilnError("a start position can only be given for an empty sequence")
+        if held + len(tokens) > self.n_ctx:
+            raise KilnError(f"{held + len(tokens)} tokens exceed the engine's context of {self.n_ctx}")
+        pos0 = int(self._pos[seq]) if held else int(start or 0)
+        if pos0 + len(tokens) > self.context_length:
+            raise KilnError(f"positions up to {pos0 + len(tokens)} exceed the model's context of "
+                            f"{self.context_length}")
+        self._live.add(seq)
+        self._len[seq], self._pos[seq] = held, pos0
+        out = np.empty((len(tokens), self.vocab_size), np.float32) if all_logits else None
+        last = None
+        for lo in range(0, len(tokens), self.n_batch):
+            chunk = np.asarray(tokens[lo:lo + self.n_batch], np.int64)[None, :]
+            n = chunk.shape[1]
+            positions = (self._pos[seq] + np.arange(n))[None, :]
+            logits = self._run(seq, chunk, self._len[seq:seq + 1], positions)[0]
+            self._len[seq] += n
+            self._pos[seq] += n
+            if all_logits:
+                out[lo:lo + n] = logits
+            else:
+                last = logits[-1].copy()
+        return out if all_logits else last
+
+    def step(self, tokens: Sequence[int], seqs: Sequence[int]) -> np.ndarray:
+        seqs = [int(s) for s in seqs]
+        if len(tokens) != len(seqs):
+            raise KilnError(f"step: {len(tokens)} tokens for {len(seqs)} sequences")
+        if not seqs:
+            return np.empty((0, self.vocab_size), np.float32)
+        if len(set(seqs)) != len(seqs):
+            raise KilnError("step: a sequence appears twice")
+        for s in seqs:
+            self._check_seq(s)
+            if s not in self._live:
+                raise KilnError(f"step: sequence {s} holds no tokens (prefill it first)")
+        lo, hi = min(seqs), max(seqs) + 1
+        # Rows lo..hi-1 run together; a row not being stepped gets a dummy token written one
+        # slot past its end (never read, overwritten by its next real token) and is not advanced.
+        rows = np.arange(lo, hi)
+        tok = np.zeros((hi - lo, 1), np.int64)
+        index = np.asarray(seqs) - lo
+        tok[index, 0] = np.asarray(tokens, np.int64)
+        if np.any(self._len[lo:hi] >= self.n_ctx):
+            full = [int(r) for r in rows if self._len[r] >= self.n_ctx]
+            raise KilnError(f"sequence {full[0]} reached the engine's context of {self.n_ctx} tokens")
+        logits = self._run(lo, tok, self._len[lo:hi].copy(), self._pos[lo:hi, None].copy())[:, 0]
+        self._len[seqs] += 1
+        self._pos[seqs] += 1
+        return logits[index]
+
+    def reorder(self, ancestors: Sequence[int], seqs: Sequence[int] | None = None) -> None:
+        """Row seqs[i] becomes a copy of row ancestors[i] (all at once: a gather along the batch axis)."""
+        dst = np.arange(len(ancestors)) if seqs is None else np.asarray(seqs, np.int64)
+        src = np.asarray(ancestors, np.int64)
+        if dst.shape != src.shape:
+            raise KilnError(f"reorder: {len(src)} ancestors for {len(dst)} sequences")
+        for s in (*src.tolist(), *dst.tolist()):
+            self._check_seq(s)
+        if np.array_equal(src, dst):
+            return
+        moved = src != dst
+        src, dst = src[moved], dst[moved]
+        width = int(self._len[src].max()) if len(src) else 0
+        for bufs in (self._k, self._v):
+            for buf in bufs:
+                buf[dst, :, :width] = buf[src, :, :width]  # fancy indexing gathers first: safe in place
+        self._len[dst] = self._len[src]
+        self._pos[dst] = self._pos[src]
+        for s, d in zip(src.tolist(), dst.tolist()):
+            if s in self._live:
+                self._live.add(d)
+            else:
+                self._live.discard(d)
+
+    def copy_seq(self, src: int, dst: int) -> None:
+        self.reorder([src], [dst])
+
+    def drop_seq(self, seq: int) -> None:
+        self._check_seq(seq)
+        self._live.discard(seq)
+        self._len[seq] = 0
+        self._pos[seq] = 0
+
+    def reset(self) -> None:
+        self._live.clear()
+        self._len[:] = 0
+        self._pos[:] = 0
+
+    def positions(self) -> dict[int, int]:
+        return {s: int(self._len[s]) for s in sorted(self._live)}
+
+    def close(self) -> None:
+        self._bindings.clear()
+        self._sess = None
