@@ -36,6 +36,9 @@ demo: fixtures
 	$(KILN) inspect $(DEMO)/smollm2-135m.q4_k_m.gguf
 	$(KILN) generate $(DEMO)/smollm2-135m.q4_k_m.gguf --chat --max-tokens 32 \
 	  --system "Answer the question in one short sentence." --prompt "What is the capital of France?"
+	$(KILN) export onnx $(SMOL) -o $(DEMO)/smollm2-135m-int4-onnx --precision int4
+	$(KILN) generate $(DEMO)/smollm2-135m-int4-onnx --chat --max-tokens 32 \
+	  --system "Answer the question in one short sentence." --prompt "What is the capital of France?"
 	@echo "Artifacts, manifests and Modelfiles are in $(DEMO)/ (ollama create smollm2 -f $(DEMO)/smollm2-135m.q4_k_m.Modelfile)"
 
 test: fixtures go-toolchain

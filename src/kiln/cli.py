@@ -153,8 +153,10 @@ def export_gguf_cmd(src: Path, out: Path, quant: str, imatrix: Path | None, rope
 @click.option("--symmetric/--asymmetric", default=True, show_default=True, help="int4/int8 without/with zero points.")
 @click.option("--accuracy-level", type=int, default=4, show_default=True,
               help="MatMulNBits compute: 4 = int8 activations (fast on CPU), 1 = fp32, 0 = unset.")
-@click.option("--lm-head", type=click.Choice(["quant", "int8", "float"]), default="quant", show_default=True,
-              help="LM head like the body, at 8 bits (int4 only), or unquantized.")
+@click.option("--lm-head", type=click.Choice(["int8", "quant", "float"]), default="int8", show_default=True,
+              help="LM head at 8 bits (as llama.cpp keeps its output tensor), like the body (smallest), or float.")
+@click.option("--method", type=click.Choice(["default", "rtn", "k_quant"]), default="default", show_default=True,
+              help="onnxruntime's weight-only quantizer (default: blockwise round-to-nearest in C++).")
 @click.option("--embeddings", type=click.Choice(["quant", "float"]), default="quant", show_default=True,
               help="Token embeddings quantized (int4 GatherBlockQuantized where possible) or unquantized.")
 @click.option("--execution-provider", "-e", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
@@ -168,7 +170,7 @@ def export_gguf_cmd(src: Path, out: Path, quant: str, imatrix: Path | None, rope
 @click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin (loaded with weights_only=True).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_onnx_cmd(src: Path, out: Path, precision: str, block_size: int, symmetric: bool, accuracy_level: int,
-                    lm_head: str, embeddings: str, execution_provider: str, rope_scaling: str | None,
+                    lm_head: str, method: str, embeddings: str, execution_provider: str, rope_scaling: str | None,
                     original_context: int | None, context: int | None, allow_shorter_context: bool,
                     no_verify: bool, threads: int, allow_pickle: bool, as_json: bool) -> None:
     """Export the Hugging Face checkpoint SRC to an ONNX model directory, verified in onnxruntime.
@@ -187,7 +189,7 @@ def export_onnx_cmd(src: Path, out: Path, precision: str, block_size: int, symme
     with _progress(not as_json) as update:
         result = export_onnx_artifact(
             src, out, precision, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
-            lm_head=lm_head, embeddings=embeddings, execution_provider=execution_provider,
+            lm_head=lm_head, embeddings=embeddings, execution_provider=execution_provider, method=method,
             rope_scaling=rope_scaling, original_context=original_context, context=context,
             allow_shorter_context=allow_shorter_context, verify=not no_verify, threads=threads,
             allow_pickle=allow_pickle, progress=update)
@@ -231,12 +233,13 @@ def modelfile(gguf: Path, out: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin checkpoints.")
 def inspect(path: Path, as_json: bool, allow_pickle: bool) -> None:
-    """Describe a checkpoint directory or a GGUF file: architecture, size, context, rope, tensor types.
+    """Describe a checkpoint directory, a GGUF file or an ONNX directory: architecture, size, context, rope.
 
     \b
     Examples:
       kiln inspect ~/.cache/kiln/fixtures/smollm2-135m
       kiln inspect out/smol.q4_k_m.gguf --json
+      kiln inspect out/smol-int4
     """
     from kiln.inspect_artifact import inspect_path
 

@@ -1,4 +1,4 @@
-"""`kiln inspect`: what a checkpoint directory or GGUF file contains, for people and for scripts."""
+"""`kiln inspect`: what a checkpoint directory, GGUF file or ONNX directory contains, for people and scripts."""
 
 from __future__ import annotations
 
@@ -14,9 +14,39 @@ def inspect_path(path: str | Path, allow_pickle: bool = False) -> dict[str, Any]
         raise KilnError(f"{path}: no such file or directory")
     if path.is_file() and path.suffix == ".gguf":
         return inspect_gguf(path)
+    if path.is_dir() and (path / "genai_config.json").exists():
+        return inspect_onnx(path)
     if path.is_dir():
         return inspect_checkpoint(path, allow_pickle)
-    raise KilnError(f"{path}: expected a checkpoint directory or a .gguf file")
+    raise KilnError(f"{path}: expected a checkpoint directory, a .gguf file or an ONNX model directory")
+
+
+def inspect_onnx(path: Path) -> dict[str, Any]:
+    """From genai_config.json, the graph's operator counts and kiln's manifest (when kiln wrote it)."""
+    import json
+
+    from kiln.manifest import read_manifest
+
+    try:
+        genai = json.loads((path / "genai_config.json").read_text(encoding="utf-8"))
+        model, dec = genai["model"], genai["model"]["decoder"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise KilnError(f"{path / 'genai_config.json'}: not a valid onnxruntime-genai config ({exc})") from None
+    manifest = read_manifest(path) or {}
+    size = sum(p.stat().st_size for p in path.iterdir() if p.name.startswith(dec.get("filename", "model.onnx")))
+    n_params = manifest.get("n_params")
+    return {
+        "path": str(path), "format": "onnx", "architecture": model.get("type"),
+        "layers": dec.get("num_hidden_layers"), "hidden_size": dec.get("hidden_size"),
+        "heads": dec.get("num_attention_heads"), "kv_heads": dec.get("num_key_value_heads"),
+        "vocab_size": model.get("vocab_size"), "context_length": model.get("context_length"),
+        "position_ids_input": "position_ids" in dec.get("inputs", {}),
+        "precision": (manifest.get("options") or {}).get("precision"),
+        "rope": manifest.get("rope"), "op_counts": manifest.get("op_counts"),
+        "n_params": n_params, "file_size": size,
+        "bits_per_weight": round(8 * size / n_params, 4) if n_params else None,
+        "verification": (manifest.get("verification") or {}).get("criterion"),
+    }
 
 
 def inspect_checkpoint(path: Path, allow_pickle: bool = False) -> dict[str, Any]:

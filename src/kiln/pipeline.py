@@ -144,9 +144,10 @@ def export_onnx_artifact(
     block_size: int = 32,
     symmetric: bool = True,
     accuracy_level: int = 4,
-    lm_head: str = "quant",
+    lm_head: str = "int8",
     embeddings: str = "quant",
     execution_provider: str = "cpu",
+    method: str = "default",
     rope_scaling: str | None = None,
     original_context: int | None = None,
     context: int | None = None,
@@ -167,8 +168,11 @@ def export_onnx_artifact(
     out = Path(out)
     options = OnnxOptions(precision=precision, block_size=block_size, symmetric=symmetric,
                           accuracy_level=accuracy_level, lm_head=lm_head, embeddings=embeddings,
-                          execution_provider=execution_provider)
+                          execution_provider=execution_provider, method=method)
     options.validate()
+    if verify and precision == "fp16":
+        raise KilnError("fp16 ONNX graphs run on CUDA only, and kiln verifies ONNX graphs in onnxruntime on the CPU: "
+                        "pass --no-verify to export one unverified")
     ckpt = load_checkpoint(src, allow_pickle=allow_pickle)
     check_supported(ckpt)
     rope = resolve(ckpt.spec.rope, rope_scaling, original_context, context, allow_shorter_context)

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kiln.errors import KilnError
+
 
 def default_threads() -> int:
     """Physical-core-ish default: decode is bandwidth-bound, more threads than cores only hurt."""
@@ -56,6 +58,35 @@ class Engine(ABC):
 
     @abstractmethod
     def drop_seq(self, seq: int) -> None: ...
+
+    n_seq_max: int
+
+    def reorder(self, ancestors: Sequence[int], seqs: Sequence[int] | None = None) -> None:
+        """Resampling: afterwards `seqs[i]` (default: i) holds what `ancestors[i]` held before.
+
+        All copies happen "at once", as if from a snapshot. This generic version copies
+        through spare sequence ids (so an engine needs free ids when a source is also
+        overwritten: SMC uses n_seq_max = 2N); engines with a cheaper gather override it.
+        """
+        seqs = list(range(len(ancestors))) if seqs is None else [int(s) for s in seqs]
+        if len(seqs) != len(ancestors):
+            raise KilnError(f"reorder: {len(ancestors)} ancestors for {len(seqs)} sequences")
+        pending = [(int(a), d) for a, d in zip(ancestors, seqs) if int(a) != d]
+        overwritten = {d for _, d in pending}
+        busy = set(self.positions()) | set(seqs) | {a for a, _ in pending}
+        free = (i for i in range(self.n_seq_max) if i not in busy)
+        saved: dict[int, int] = {}
+        for src in sorted({a for a, _ in pending if a in overwritten}):
+            spare = next(free, None)
+            if spare is None:
+                raise KilnError(f"reorder needs spare sequence ids: create the engine with n_seq_max > "
+                                f"{self.n_seq_max}")
+            self.copy_seq(src, spare)
+            saved[src] = spare
+        for src, dst in pending:
+            self.copy_seq(saved.get(src, src), dst)
+        for spare in saved.values():
+            self.drop_seq(spare)
 
     def reset(self) -> None:
         for seq in list(self.positions()):

@@ -26,8 +26,7 @@ def verify_onnx(onnx_dir: str | Path, source: str | Path, rope: RopeSettings, pr
                 max_text_tokens: int = 384) -> Verification:
     """Compare onnxruntime on `onnx_dir` with transformers on `source` (same rope settings)."""
     if precision == "fp16":
-        raise KilnError("fp16 ONNX graphs run on CUDA only and cannot be verified on this CPU; "
-                        "pass --no-verify to export anyway")
+        raise KilnError("fp16 ONNX graphs run on CUDA only; kiln verifies ONNX graphs on the CPU")
     ref = reference or Reference(source, rope)
     text = parity_text()
     engine = OnnxEngine(onnx_dir, n_ctx=max(512, max_text_tokens + 8), n_seq_max=len(SHORT_PROMPTS),
