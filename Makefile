@@ -46,6 +46,7 @@ test: fixtures go-toolchain
 
 bench: fixtures
 	$(PY) bench/convert.py
+	$(PY) bench/onnx_decode.py
 
 clean:
 	rm -rf out bench/results .pytest_cache

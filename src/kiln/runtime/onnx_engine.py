@@ -114,6 +114,8 @@ class OnnxEngine(Engine):
         self._pos = np.zeros(self.n_seq_max, np.int64)  # next position per row
         self._live: set[int] = set()
         self._bindings: dict[tuple[int, int], Any] = {}
+        self._decoders: dict[tuple[int, int], Any] = {}
+        self._ones = np.ones(self.n_seq_max * self.n_ctx, np.int64)
         self._ort = ort
         self._load_tokenizer(genai)
 
@@ -179,21 +181,25 @@ class OnnxEngine(Engine):
         return self._pieces[token] if 0 <= token < len(self._pieces) else b""
 
     # --- running the graph --------------------------------------------------------------------
-    def _binding(self, lo: int, hi: int):
-        """An IOBinding with rows lo..hi-1 of every KV buffer as both past and present."""
-        key = (lo, hi)
-        io = self._bindings.get(key)
-        if io is None:
-            ort = self._ort
-            io = self._sess.io_binding()
+    def _kv_binding(self, lo: int, hi: int, logits_first: bool = False):
+        """A new IOBinding with rows lo..hi-1 of every KV buffer bound as both past and present."""
+        ort = self._ort
+        io = self._sess.io_binding()
+        if logits_first:
             io.bind_output(self._out.get("logits", "logits"), "cpu")  # output 0, rebound every run
-            for layer in range(self.n_layers):
-                for bufs, past, present in ((self._k, "past_key_names", "present_key_names"),
-                                            (self._v, "past_value_names", "present_value_names")):
-                    value = ort.OrtValue.ortvalue_from_numpy(bufs[layer][lo:hi])
-                    io.bind_ortvalue_input(self._in[past] % layer, value)
-                    io.bind_ortvalue_output(self._out[present] % layer, value)
-            self._bindings[key] = io
+        for layer in range(self.n_layers):
+            for bufs, past, present in ((self._k, "past_key_names", "present_key_names"),
+                                        (self._v, "past_value_names", "present_value_names")):
+                value = ort.OrtValue.ortvalue_from_numpy(bufs[layer][lo:hi])
+                io.bind_ortvalue_input(self._in[past] % layer, value)
+                io.bind_ortvalue_output(self._out[present] % layer, value)
+        return io
+
+    def _binding(self, lo: int, hi: int):
+        """The prefill binding of rows lo..hi-1 (logits of any length, allocated by onnxruntime)."""
+        io = self._bindings.get((lo, hi))
+        if io is None:
+            io = self._bindings[(lo, hi)] = self._kv_binding(lo, hi, logits_first=True)
         return io
 
     def _run(self, lo: int, tokens: np.ndarray, lengths: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -267,19 +273,57 @@ class OnnxEngine(Engine):
             if s not in self._live:
                 raise KilnError(f"step: sequence {s} holds no tokens (prefill it first)")
         lo, hi = min(seqs), max(seqs) + 1
-        # Rows lo..hi-1 run together; a row not being stepped gets a dummy token written one
-        # slot past its end (never read, overwritten by its next real token) and is not advanced.
-        rows = np.arange(lo, hi)
-        tok = np.zeros((hi - lo, 1), np.int64)
         index = np.asarray(seqs) - lo
-        tok[index, 0] = np.asarray(tokens, np.int64)
-        if np.any(self._len[lo:hi] >= self.n_ctx):
-            full = [int(r) for r in rows if self._len[r] >= self.n_ctx]
+        if hi - lo == len(seqs):  # a contiguous block of rows (SMC, batched decoding): no scatter
+            tok, positions = np.asarray(tokens, np.int64)[np.argsort(index)], self._pos[lo:hi]
+        else:
+            # Rows lo..hi-1 run together; a row not being stepped gets a dummy token at position 0
+            # written one slot past its end (never read, overwritten by its next real token).
+            tok = np.zeros(hi - lo, np.int64)
+            tok[index] = np.asarray(tokens, np.int64)
+            positions = np.zeros(hi - lo, np.int64)
+            positions[index] = self._pos[seqs]
+        full = [s for s in range(lo, hi) if self._len[s] >= self.n_ctx]
+        if full:
             raise KilnError(f"sequence {full[0]} reached the engine's context of {self.n_ctx} tokens")
-        logits = self._run(lo, tok, self._len[lo:hi].copy(), self._pos[lo:hi, None].copy())[:, 0]
+        if int(positions.max()) >= self.context_length:
+            raise KilnError(f"positions beyond the model's context of {self.context_length}")
+        logits = self._decode(lo, tok, self._len[lo:hi], positions)
         self._len[seqs] += 1
         self._pos[seqs] += 1
         return logits[index]
+
+    def _decode(self, lo: int, tokens: np.ndarray, lengths: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One token for each of rows lo..lo+B-1: the hot loop of decoding and SMC, so everything but the
+        attention mask (its width grows every step) is bound once, to numpy arrays written in place,
+        and logits land in a preallocated array (measured: halves the Python time per step)."""
+        b = len(tokens)
+        state = self._decoders.get((lo, b))
+        if state is None:
+            ort = self._ort
+            io = self._kv_binding(lo, lo + b)
+            ids, pos = np.zeros((b, 1), np.int64), np.zeros((b, 1), np.int64)
+            logits = np.empty((b, 1, self.vocab_size), np.float32)
+            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (ids, pos, logits)]
+            io.bind_ortvalue_input(self._in.get("input_ids", "input_ids"), values[0])
+            io.bind_ortvalue_input(self._pos_name, values[1])
+            io.bind_ortvalue_output(self._out.get("logits", "logits"), values[2])
+            state = self._decoders[(lo, b)] = (io, ids, pos, logits, values)
+        io, ids, pos, logits, _ = state
+        ids[:, 0] = tokens
+        pos[:, 0] = positions
+        total = lengths + 1
+        width = int(total.max())
+        if int(total.min()) == width:
+            mask = self._ones[:b * width].reshape(b, width)
+        else:
+            mask = (np.arange(width)[None, :] < total[:, None]).astype(np.int64)
+        io.bind_cpu_input(self._in.get("attention_mask", "attention_mask"), mask)
+        try:
+            self._sess.run_with_iobinding(io)
+        except Exception as exc:  # noqa: BLE001
+            raise KilnError(f"onnxruntime failed: {str(exc).splitlines()[0][:300]}") from None
+        return logits[:, 0].copy()
 
     def reorder(self, ancestors: Sequence[int], seqs: Sequence[int] | None = None) -> None:
         """Row seqs[i] becomes a copy of row ancestors[i] (all at once: a gather along the batch axis)."""
@@ -324,4 +368,5 @@ class OnnxEngine(Engine):
 
     def close(self) -> None:
         self._bindings.clear()
+        self._decoders.clear()
         self._sess = None
