@@ -558,7 +558,10 @@ def test_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     proc = subprocess.Popen([KILN, "export", "gguf", str(src), "-o", str(out_dir / "smol.gguf"), "--quant", "f32"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            # a shell's background job inherits SIGINT ignored, and Python keeps it so:
+                            # give the child the default disposition, as a terminal would
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # Interrupt while the temp file is being written (~1.5 s in, on a typical machine): waiting
         # for the `.part` file rather than a fixed delay makes sure the write really is under way.

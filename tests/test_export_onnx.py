@@ -152,6 +152,14 @@ def test_quantized_smollm2_answers_paris(store: Store, precision: str) -> None:
     assert "Paris" in out.text, out.text
 
 
+def test_sampled_generation_is_seeded(store: Store) -> None:
+    with load(store.onnx("tiny-qwen2", "int4"), threads=THREADS) as engine:
+        ids = engine.tokenize("hello there")
+        runs = [generate(engine, ids, max_tokens=12, temperature=0.8, seed=s).tokens for s in (1, 1, 2)]
+    assert runs[0] == runs[1] and len(runs[0]) > 0
+    assert runs[0] != runs[2]
+
+
 def test_reorder_rows_gives_the_logits_of_the_reordered_sequences(store: Store) -> None:
     """Resampling mid-generation: after reorder(ancestors), every row continues exactly as the
     ancestor's sequence does when run again from scratch with the same schedule."""
