@@ -109,11 +109,15 @@ def export() -> None:
 @click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile next to the GGUF.")
 @click.option("--no-verify", is_flag=True, help="Skip the logits check against the source (not recommended).")
 @click.option("--threads", type=int, default=0, help="Threads for quantizing and verifying (0: all).")
-@click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin (loaded with weights_only=True).")
+@click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin / .pt (loaded with weights_only=True).")
+@click.option("--n-heads", type=int, help="Attention heads of a native Arbor state dict without a config.")
+@click.option("--tokenizer", type=click.Path(path_type=Path),
+              help="Directory with tokenizer.json, for a native Arbor checkpoint that has none beside it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_gguf_cmd(src: Path, out: Path, quant: str, imatrix: Path | None, rope_scaling: str | None,
                     original_context: int | None, context: int | None, allow_shorter_context: bool,
-                    modelfile: bool, no_verify: bool, threads: int, allow_pickle: bool, as_json: bool) -> None:
+                    modelfile: bool, no_verify: bool, threads: int, allow_pickle: bool, n_heads: int | None,
+                    tokenizer: Path | None, as_json: bool) -> None:
     """Export the Hugging Face checkpoint SRC to a GGUF file, verified in llama.cpp.
 
     \b
@@ -121,6 +125,7 @@ def export_gguf_cmd(src: Path, out: Path, quant: str, imatrix: Path | None, rope
       kiln export gguf ./SmolLM2-135M-Instruct -o smol.q8_0.gguf --quant q8_0 --modelfile
       kiln export gguf ./Qwen2.5-0.5B -o qwen.gguf --quant q4_k_m --rope-scaling yarn:4 --original-context 32768
       kiln export gguf ./model -o m.gguf --quant q4_k_m --imatrix imatrix.dat
+      kiln export gguf arbor/latest_checkpoint.pt -o arbor.q8_0.gguf --quant q8_0 --allow-pickle --tokenizer tok/
     """
     from kiln.pipeline import export_gguf_artifact
 
@@ -128,13 +133,16 @@ def export_gguf_cmd(src: Path, out: Path, quant: str, imatrix: Path | None, rope
         result = export_gguf_artifact(
             src, out, quant, rope_scaling=rope_scaling, original_context=original_context, context=context,
             allow_shorter_context=allow_shorter_context, imatrix=imatrix, modelfile=modelfile,
-            verify=not no_verify, threads=threads, allow_pickle=allow_pickle, progress=update)
+            verify=not no_verify, threads=threads, allow_pickle=allow_pickle, n_heads=n_heads, tokenizer=tokenizer,
+            progress=update)
     if as_json:
         _emit_json(result.record)
         return
     rec = result.record
+    where = (f"rope {rec['rope'].get('type')}, context {rec['rope'].get('context_length')}" if "rope" in rec
+             else f"Arbor as gpt2, context {rec['arbor']['max_positions']}")
     click.echo(f"wrote {result.gguf} ({rec['files'][0]['size'] / 1e6:.1f} MB, {rec['bits_per_weight']:.2f} bits/weight, "
-               f"rope {rec['rope'].get('type')}, context {rec['rope'].get('context_length')})")
+               f"{where})")
     if result.modelfile:
         click.echo(f"wrote {result.modelfile}  (ollama create NAME -f {result.modelfile})")
     ver = rec.get("verification")

@@ -58,13 +58,26 @@ def export_gguf_artifact(
     verify: bool = True,
     threads: int = 0,
     allow_pickle: bool = False,
+    n_heads: int | None = None,
+    tokenizer: str | Path | None = None,
     progress: Progress | None = None,
 ) -> GGUFExportResult:
-    """Export `src` to the GGUF `out`, verified against `src` unless `verify=False`."""
+    """Export `src` to the GGUF `out`, verified against `src` unless `verify=False`.
+
+    A native Arbor checkpoint (kiln.checkpoint.arbor) goes to llama.cpp's gpt2 architecture;
+    `n_heads` and `tokenizer` are for Arbor sources that do not carry them.
+    """
+    from kiln.checkpoint.arbor import is_native_arbor
     from kiln.export.gguf import export_gguf
 
     out = Path(out)
     qtype = quant_type(quant)
+    if is_native_arbor(src):
+        if rope_scaling or original_context or context:
+            raise KilnError(f"{src}: a native Arbor checkpoint has absolute positions, no RoPE to scale")
+        return _export_arbor_gguf(Path(src), out, qtype, n_heads=n_heads, tokenizer=tokenizer,
+                                  imatrix=imatrix, modelfile=modelfile, verify=verify, threads=threads,
+                                  allow_pickle=allow_pickle, progress=progress)
     ckpt = load_checkpoint(src, allow_pickle=allow_pickle)
     rope = resolve(ckpt.spec.rope, rope_scaling, original_context, context, allow_shorter_context)
     imatrix_path = Path(imatrix) if imatrix else None
@@ -105,6 +118,71 @@ def export_gguf_artifact(
     if verification is not None and not verification["passed"]:
         raise KilnError(f"{out}: verification failed: {verification['criterion']} (see {manifest.name})")
     return GGUFExportResult(out, manifest, mf, record, warnings)
+
+
+def _arbor_tokenizer_dir(src: Path, tokenizer: str | Path | None) -> Path:
+    if tokenizer is not None:
+        return Path(tokenizer)
+    base = src if src.is_dir() else src.parent
+    for cand in (base, base / "tokenizer"):
+        if (cand / "tokenizer.json").exists():
+            return cand
+    raise KilnError(f"{src}: no tokenizer.json beside the checkpoint (nor in tokenizer/): pass --tokenizer DIR")
+
+
+def _export_arbor_gguf(src: Path, out: Path, qtype, *, n_heads: int | None, tokenizer: str | Path | None,
+                       imatrix: str | Path | None, modelfile: bool, verify: bool, threads: int,
+                       allow_pickle: bool, progress: Progress | None) -> GGUFExportResult:
+    from kiln.checkpoint.arbor import read_arbor
+    from kiln.checkpoint.reader import source_hash
+    from kiln.checkpoint.tokenizer import read_tokenizer
+    from kiln.export.gguf import write_gguf_atomic
+    from kiln.export.gguf_gpt2 import write_gpt2_gguf
+
+    spec, tensors = read_arbor(src, n_heads=n_heads, allow_pickle=allow_pickle)
+    tok_dir = _arbor_tokenizer_dir(src, tokenizer)
+    tok = read_tokenizer(tok_dir, max(spec.vocab, _tokenizer_size(tok_dir)))
+    name = src.stem if src.is_file() else src.name
+    stats = write_gguf_atomic(
+        out, qtype, lambda dest, q, ftype: write_gpt2_gguf(spec, tensors, tok, dest, q, ftype, name, progress),
+        imatrix=Path(imatrix) if imatrix else None, threads=threads, progress=progress)
+    warnings: list[str] = []
+    mf = write_modelfile_for(out, None, warnings) if modelfile else None
+    verification = None
+    if verify:
+        from kiln.verify.arbor_check import verify_arbor_gguf
+
+        verification = verify_arbor_gguf(out, spec, tensors, qtype.name, threads=threads or None).to_json()
+    record = {
+        "kind": "gguf",
+        "source": {"path": str(src.resolve()), "sha256": source_hash(src) if src.is_dir() else None,
+                   "architecture": "arbor", "family": "gpt2", "layout": spec.layout},
+        "options": {"quant": qtype.name, "n_heads": n_heads, "tokenizer": str(tok_dir),
+                    "imatrix": str(imatrix) if imatrix else None},
+        "arbor": {"ffn_widths": list(spec.ffn_widths), "max_positions": spec.max_positions,
+                  "activation": spec.activation},
+        "files": [file_record(out)] + ([file_record(mf)] if mf else []),
+        "bits_per_weight": round(stats.bits_per_weight, 4),
+        "tensor_types": stats.tensor_types,
+        "verification": verification,
+        "warnings": warnings,
+    }
+    manifest = write_manifest(out, record)
+    if verification is not None and not verification["passed"]:
+        raise KilnError(f"{out}: verification failed: {verification['criterion']} (see {manifest.name})")
+    return GGUFExportResult(out, manifest, mf, record, warnings)
+
+
+def _tokenizer_size(directory: Path) -> int:
+    """Ids the tokenizer uses (llama.cpp needs an embedding row for each: missing rows are zero-padded)."""
+    import json
+
+    try:
+        data = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+        ids = [*data["model"]["vocab"].values(), *(t["id"] for t in data.get("added_tokens", []))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0  # read_tokenizer reports what is wrong with it
+    return max(ids) + 1 if ids else 0
 
 
 def write_modelfile_for(gguf: Path, source: Path | None = None, warnings: list[str] | None = None,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kiln.checkpoint import rope as rope_mod
-from kiln.checkpoint.families import FAMILIES, supported
+from kiln.checkpoint.families import BY_TENSORS, FAMILIES, READ_ELSEWHERE, detect_by_tensors, supported
 from kiln.checkpoint.layout import expected_tensors
 from kiln.checkpoint.spec import ModelSpec
 from kiln.checkpoint.tensors import TensorSource, open_weights
@@ -69,13 +70,43 @@ def _int(config: dict[str, Any], key: str, path: Path, default: int | None = Non
     return value
 
 
-def read_spec(directory: Path, config: dict[str, Any]) -> ModelSpec:
-    path = directory / "config.json"
+def _architecture(
+    path: Path, config: dict[str, Any], tensor_names: Callable[[], Collection[str]] | None
+) -> tuple[str, dict[str, Any]]:
+    """The FAMILIES key for this config, and the config as that family reads it.
+
+    `architectures` decides; only a config whose model_type has a `BY_TENSORS` row (families.py)
+    is recognised by its tensor names instead, and then gets the family's own spelling of keys.
+    """
     archs = config.get("architectures") or []
     arch = next((a for a in archs if a in FAMILIES), None)
-    if arch is None:
-        found = ", ".join(archs) if archs else f"model_type {config.get('model_type')!r}"
-        raise KilnError(f"{path}: unknown architecture {found} (supported: {supported()})")
+    if arch is not None:
+        return arch, config
+    found = ", ".join(archs) if archs else f"model_type {config.get('model_type')!r}"
+    if tensor_names is not None and any(r.model_type == config.get("model_type") for r in BY_TENSORS):
+        names = tensor_names()
+        row = detect_by_tensors(config, names)
+        if row is None:
+            elsewhere = next((READ_ELSEWHERE[n] for n in READ_ELSEWHERE if n in names), None)
+            if elsewhere is not None:
+                raise KilnError(f"{path}: unknown architecture {found}: {elsewhere}")
+            first = next(iter(sorted(names)), "none")
+            raise KilnError(f"{path}: unknown architecture {found} (model_type {config.get('model_type')!r}, "
+                            f"but tensors such as {first!r} match no family kiln reads; supported: {supported()})")
+        config = {**config, "architectures": [row.architecture], "model_type": row.hf_model_type}
+        for key, alias in row.aliases:
+            if key not in config and alias in config:
+                config[key] = config[alias]
+        return row.architecture, config
+    raise KilnError(f"{path}: unknown architecture {found} (supported: {supported()})")
+
+
+def read_spec(
+    directory: Path, config: dict[str, Any], tensor_names: Callable[[], Collection[str]] | None = None
+) -> ModelSpec:
+    """The ModelSpec of a checkpoint directory; `tensor_names` is asked only when the config alone cannot say."""
+    path = directory / "config.json"
+    arch, config = _architecture(path, config, tensor_names)
     family = FAMILIES[arch]
     hidden = _int(config, "hidden_size", path)
     heads = _int(config, "num_attention_heads", path)
@@ -142,7 +173,13 @@ def load_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
     if not directory.is_dir():
         raise KilnError(f"{directory}: expected a checkpoint directory")
     config = _load_config(directory)
-    spec = read_spec(directory, config)
-    tensors = open_weights(directory, allow_pickle=allow_pickle)
+    opened: list[TensorSource] = []
+
+    def tensor_names() -> list[str]:
+        opened.append(open_weights(directory, allow_pickle=allow_pickle))
+        return opened[-1].names()
+
+    spec = read_spec(directory, config, tensor_names)
+    tensors = opened[-1] if opened else open_weights(directory, allow_pickle=allow_pickle)
     check_tensors(spec, tensors)
     return Checkpoint(spec, tensors)

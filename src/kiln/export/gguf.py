@@ -133,21 +133,29 @@ def tensor_stats(reader: GGUFReader, path: Path) -> GGUFStats:
 
 def export_gguf(ckpt: Checkpoint, out: str | os.PathLike[str], quant: QuantType, rope: RopeSettings,
                 imatrix: Path | None = None, threads: int = 0, progress: Progress | None = None) -> GGUFStats:
-    """Write `out` atomically: direct types in one pass, others via an f32/bf16 intermediate."""
-    out = Path(out)
+    """Write `out` atomically: direct types in one pass, others via an f32 intermediate."""
+    return write_gguf_atomic(
+        Path(out), quant, lambda dest, qtype, ftype: write_direct_gguf(ckpt, dest, qtype, ftype, rope, progress),
+        imatrix=imatrix, threads=threads, progress=progress)
+
+
+def write_gguf_atomic(out: Path, quant: QuantType, write_direct: Callable[[Path, Q, int], None],
+                      imatrix: Path | None = None, threads: int = 0,
+                      progress: Progress | None = None) -> GGUFStats:
+    """Any architecture's direct writer (f32/f16/bf16) + llama.cpp's quantizer, written atomically."""
     if out.exists() and out.is_dir():
         raise KilnError(f"{out}: is a directory, expected a .gguf file path")
     if imatrix is not None and quant.direct:
         raise KilnError(f"--imatrix has no effect on {quant.name}; it applies to quantized types")
     with atomic_file(out) as tmp:
         if quant.direct:
-            write_direct_gguf(ckpt, tmp, _DIRECT[quant.name], quant.ftype, rope, progress)
+            write_direct(tmp, _DIRECT[quant.name], quant.ftype)
         else:
             # Quantize from f32 so no value is rounded twice (f16 first would shift the grid).
             fd, mid = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".f32.part", dir=out.parent)
             os.close(fd)
             try:
-                write_direct_gguf(ckpt, Path(mid), Q.F32, 0, rope, progress)
+                write_direct(Path(mid), Q.F32, 0)
                 validate_gguf(Path(mid))
                 if progress:
                     progress(f"quantize {quant.name}", 0, 1)

@@ -13,7 +13,7 @@ import numpy as np
 from gguf import GGUFWriter, RopeScalingType
 
 from kiln.checkpoint.rope import RopeSettings
-from kiln.checkpoint.spec import ModelSpec
+from kiln.checkpoint.spec import ModelSpec, TokenizerSpec
 
 _LICENSE_IDS = (("Apache License", "apache-2.0"), ("MIT License", "mit"), ("Llama 3", "llama3"))
 
@@ -92,8 +92,12 @@ def llama3_rope_factors(spec: ModelSpec, rope: RopeSettings) -> np.ndarray:
 
 
 def write_tokenizer(w: GGUFWriter, spec: ModelSpec) -> None:
-    tok = spec.tokenizer
-    assert tok is not None
+    assert spec.tokenizer is not None
+    write_token_spec(w, spec.tokenizer)
+
+
+def write_token_spec(w: GGUFWriter, tok: TokenizerSpec) -> None:
+    """The tokenizer.ggml.* keys of a byte-level BPE vocabulary (any architecture)."""
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(tok.pre)
     w.add_token_list(tok.tokens)

@@ -139,9 +139,11 @@ def check_supported(ckpt: Checkpoint) -> None:
                         "builder would take that layer for the LM head and write a wrong graph")
 
 
-def staged_config(spec_config: dict[str, Any], rope: RopeSettings, theta: float, plain: bool) -> dict[str, Any]:
+def staged_config(spec_config: dict[str, Any], architecture: str, rope: RopeSettings, theta: float,
+                  plain: bool) -> dict[str, Any]:
     """config.json with the effective rope settings (or plain RoPE, for the builder) and context."""
     config = dict(spec_config)
+    config["architectures"] = [architecture]  # e.g. Arbor's Llama-style layout says ArborForCausalLM
     config.pop("rope_scaling", None)
     config.pop("rope_theta", None)
     if plain:
@@ -294,11 +296,13 @@ def export_onnx(ckpt: Checkpoint, out: Path, options: OnnxOptions, rope: RopeSet
     context = int(rope.context_length or spec.context_length)
     with tempfile.TemporaryDirectory(prefix=".kiln-onnx-", dir=out.parent) as work:
         stage = Path(work) / "source"
-        _stage_source(spec.source, stage, staged_config(spec.config, rope, spec.rope_theta, plain=True))
+        plain = staged_config(spec.config, spec.hf_architecture, rope, spec.rope_theta, plain=True)
+        _stage_source(spec.source, stage, plain)
         _run_builder(stage, out, Path(work) / "cache", options, spec.n_layers, spec.tie_embeddings, progress)
     if progress:
         progress("rotary tables", 0, 1)
-    cos, sin = rotary_tables(spec.source, staged_config(spec.config, rope, spec.rope_theta, plain=False), context)
+    real = staged_config(spec.config, spec.hf_architecture, rope, spec.rope_theta, plain=False)
+    cos, sin = rotary_tables(spec.source, real, context)
     counts = _patch_graph(out, cos, sin)
     _patch_genai_config(out, context)
     _copy_tokenizer(spec.source, out)

@@ -29,7 +29,7 @@ class Reference:
 
         hf_logging.disable_progress_bar()
         self._torch = torch
-        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+        config = _hf_config(source, AutoConfig)
         if rope is not None:
             theta = _rope_theta(config)
             config.rope_parameters = rope.hf_rope_parameters(theta)
@@ -100,6 +100,25 @@ def with_gguf_weights(ref: Reference, gguf: str | Path, permuted_qk: bool, n_hea
         with torch.no_grad():
             params["lm_head.weight"].copy_(params["model.embed_tokens.weight"])
     return clone
+
+
+def _hf_config(source: str | Path, auto_config):
+    """The source's transformers config, as kiln reads it: a checkpoint recognised by its tensor
+    names (kiln.checkpoint.families.BY_TENSORS, e.g. Arbor's Llama-style layout) gets the
+    family's model_type and key names, which transformers itself would not know."""
+    import json
+    import tempfile
+
+    from kiln.checkpoint import load_checkpoint
+
+    try:
+        return auto_config.from_pretrained(source, trust_remote_code=False)
+    except (ValueError, KeyError):  # a model_type transformers does not know
+        spec = load_checkpoint(source).spec
+    with tempfile.TemporaryDirectory(prefix="kiln-config-") as tmp:
+        config = {**spec.config, "architectures": [spec.hf_architecture]}
+        Path(tmp, "config.json").write_text(json.dumps(config), encoding="utf-8")
+        return auto_config.from_pretrained(tmp, trust_remote_code=False)
 
 
 def _rope_theta(config) -> float:
