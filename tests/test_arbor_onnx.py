@@ -211,3 +211,20 @@ def test_refusals(built: dict[str, Built], tmp_path: Path) -> None:
         write_gpt2_onnx(dict(b.config, n_positions=64), b.state, tmp_path)
     with pytest.raises(KilnError, match="no tokenizer.json"):
         write_gpt2_onnx(b.config, b.state, tmp_path, tokenizer_dir=tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name", ["A", "C", "layer_grown"])
+def test_pipeline_exports_native_arbor_to_onnx_verified(tmp_path: Path, name: str) -> None:
+    """`kiln export onnx` on native Arbor: written atomically, verified exactly against Arbor's forward."""
+    from kiln.fixtures.arbor import build_arbor_fixtures
+    from kiln.pipeline import ONNX_MANIFEST, export_onnx_artifact
+
+    fx = build_arbor_fixtures(tmp_path / "fx")
+    result = export_onnx_artifact(fx[name], tmp_path / "out", "fp32", allow_pickle=True,
+                                  tokenizer=fx["B"] / "tokenizer", n_heads=4 if name == "C" else None, threads=2)
+    ver = result.record["verification"]
+    assert ver["passed"] and ver["short_positions"]["rel"] <= 1e-4, ver["criterion"]
+    assert (tmp_path / "out" / ONNX_MANIFEST).exists()
+    with pytest.raises(KilnError, match="fp32 only"):
+        export_onnx_artifact(fx[name], tmp_path / "q", "int4", allow_pickle=True)
+    assert not (tmp_path / "q").exists()

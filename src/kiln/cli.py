@@ -175,13 +175,17 @@ def export_gguf_cmd(src: Path, out: Path, quant: str, imatrix: Path | None, rope
 @click.option("--allow-shorter-context", is_flag=True, help="Permit --context below the trained context.")
 @click.option("--no-verify", is_flag=True, help="Skip the logits check against the source (not recommended).")
 @click.option("--threads", type=int, default=0, help="Threads for verifying (0: all).")
-@click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin (loaded with weights_only=True).")
+@click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin / .pt (loaded with weights_only=True).")
+@click.option("--n-heads", type=int, help="Attention heads of a native Arbor state dict without a config.")
+@click.option("--tokenizer", type=click.Path(path_type=Path),
+              help="Directory with tokenizer.json, for a native Arbor checkpoint that has none beside it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_onnx_cmd(src: Path, out: Path, precision: str, block_size: int, symmetric: bool, accuracy_level: int,
                     lm_head: str, method: str, embeddings: str, execution_provider: str, rope_scaling: str | None,
                     original_context: int | None, context: int | None, allow_shorter_context: bool,
-                    no_verify: bool, threads: int, allow_pickle: bool, as_json: bool) -> None:
-    """Export the Hugging Face checkpoint SRC to an ONNX model directory, verified in onnxruntime.
+                    no_verify: bool, threads: int, allow_pickle: bool, n_heads: int | None, tokenizer: Path | None,
+                    as_json: bool) -> None:
+    """Export the Hugging Face (or native Arbor) checkpoint SRC to an ONNX model directory, verified in onnxruntime.
 
     The directory holds model.onnx (+ model.onnx.data), genai_config.json (onnxruntime-genai
     loads it as is), the tokenizer files and manifest.json.
@@ -191,6 +195,7 @@ def export_onnx_cmd(src: Path, out: Path, precision: str, block_size: int, symme
       kiln export onnx ./SmolLM2-135M-Instruct -o smol-int4 --precision int4
       kiln export onnx ./Qwen2.5-0.5B -o qwen-int8 -p int8 --rope-scaling yarn:4 --original-context 32768
       kiln export onnx ./model -o m-int4 -p int4 --block-size 128 --asymmetric --lm-head float
+      kiln export onnx arbor/latest_checkpoint.pt -o arbor-onnx -p fp32 --allow-pickle --tokenizer tok/
     """
     from kiln.pipeline import export_onnx_artifact
 
@@ -200,14 +205,16 @@ def export_onnx_cmd(src: Path, out: Path, precision: str, block_size: int, symme
             lm_head=lm_head, embeddings=embeddings, execution_provider=execution_provider, method=method,
             rope_scaling=rope_scaling, original_context=original_context, context=context,
             allow_shorter_context=allow_shorter_context, verify=not no_verify, threads=threads,
-            allow_pickle=allow_pickle, progress=update)
+            allow_pickle=allow_pickle, n_heads=n_heads, tokenizer=tokenizer, progress=update)
     if as_json:
         _emit_json(result.record)
         return
     rec = result.record
     size = sum(f["size"] for f in rec["files"] if f["name"].startswith("model.onnx"))
-    click.echo(f"wrote {result.directory}/ ({size / 1e6:.1f} MB of graph and weights, {rec['bits_per_weight']:.2f} "
-               f"bits/weight, rope {rec['rope'].get('type')}, context {rec['rope'].get('context_length')})")
+    where = (f"{rec['bits_per_weight']:.2f} bits/weight, rope {rec['rope'].get('type')}, context "
+             f"{rec['rope'].get('context_length')}" if "rope" in rec
+             else f"Arbor as GPT-2, context {rec['arbor']['max_positions']}")
+    click.echo(f"wrote {result.directory}/ ({size / 1e6:.1f} MB of graph and weights, {where})")
     ver = rec.get("verification")
     if ver:
         click.echo(f"verified: {ver['criterion']}; text KL {ver['text_mean_kl']:.4f}, top-1 {ver['text_top1']:.3f}")

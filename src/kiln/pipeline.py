@@ -173,6 +173,76 @@ def _export_arbor_gguf(src: Path, out: Path, qtype, *, n_heads: int | None, toke
     return GGUFExportResult(out, manifest, mf, record, warnings)
 
 
+def _export_arbor_onnx(src: Path, out: Path, *, n_heads: int | None, tokenizer: str | Path | None, verify: bool,
+                       threads: int, allow_pickle: bool) -> OnnxExportResult:
+    """Native Arbor as an exact GPT-2 graph (kiln.export.onnx_gpt2), checked against Arbor's own forward:
+    unlike llama.cpp, onnxruntime computes exact-erf GELU, so the flat f32 bound applies."""
+    from kiln.atomic import atomic_dir
+    from kiln.checkpoint.arbor import read_arbor, to_gpt2
+    from kiln.checkpoint.reader import source_hash
+    from kiln.checkpoint.tokenizer import read_tokenizer
+    from kiln.export.onnx_gpt2 import write_gpt2_onnx
+
+    spec, tensors = read_arbor(src, n_heads=n_heads, allow_pickle=allow_pickle)
+    tok_dir = _arbor_tokenizer_dir(src, tokenizer)
+    tok = read_tokenizer(tok_dir, max(spec.vocab, _tokenizer_size(tok_dir)))
+    config, state = to_gpt2(spec, tensors)
+    with atomic_dir(out) as tmp:
+        counts = write_gpt2_onnx(config, state, tmp, tokenizer_dir=tok_dir, eos_token_id=tok.eos_id,
+                                 bos_token_id=tok.bos_id)
+        verification = _verify_arbor_onnx(tmp, spec, tensors, threads).to_json() if verify else None
+        record = {
+            "kind": "onnx",
+            "source": {"path": str(src.resolve()), "sha256": source_hash(src) if src.is_dir() else None,
+                       "architecture": "arbor", "family": "gpt2", "layout": spec.layout},
+            "options": {"precision": "fp32", "n_heads": n_heads, "tokenizer": str(tok_dir)},
+            "arbor": {"ffn_widths": list(spec.ffn_widths), "max_positions": spec.max_positions,
+                      "activation": spec.activation},
+            "files": [file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()],
+            "op_counts": counts,
+            "verification": verification,
+            "warnings": [],
+        }
+        write_manifest_file(tmp / ONNX_MANIFEST, record)
+    manifest = out / ONNX_MANIFEST
+    if verification is not None and not verification["passed"]:
+        raise KilnError(f"{out}: verification failed: {verification['criterion']} (see {manifest})")
+    return OnnxExportResult(out, manifest, record, [])
+
+
+def _verify_arbor_onnx(directory: Path, spec, tensors, threads: int):
+    import numpy as np
+
+    from kiln.runtime.onnx_engine import OnnxEngine
+    from kiln.verify import tolerances
+    from kiln.verify.arbor_reference import arbor_forward
+    from kiln.verify.parity import compare, compare_many
+    from kiln.verify.result import SHORT_PROMPTS, Verification, parity_text
+
+    def ref(ids: list[int], start: int = 0) -> np.ndarray:
+        return arbor_forward(tensors, np.asarray([ids]), spec.n_heads, spec.ln_eps, spec.activation,
+                             start)[0].astype(np.float32)
+
+    with OnnxEngine(directory, n_ctx=spec.max_positions, n_seq_max=len(SHORT_PROMPTS),
+                    threads=threads or None) as engine:
+        prompts = [engine.tokenize(p)[: spec.max_positions // 4] for p in SHORT_PROMPTS]
+        short_pairs = [(ref(ids), engine.prefill(ids, seq=row, all_logits=True)) for row, ids in enumerate(prompts)]
+        nexts = [int(np.argmax(r[-1])) for r, _ in short_pairs]
+        stepped = engine.step(nexts, list(range(len(prompts))))
+        short_pairs += [(ref(ids + [n])[-1:], stepped[i:i + 1]) for i, (ids, n) in enumerate(zip(prompts, nexts))]
+        engine.reset()
+        long_start = max(0, spec.max_positions - max(len(p) for p in prompts) - 1)
+        long_pairs = [(ref(ids, long_start), engine.score(ids, start=long_start)) for ids in prompts]
+        text_ids = engine.tokenize(parity_text())[: spec.max_positions]
+        text = compare(ref(text_ids), engine.score(text_ids))
+    short, long = compare_many(short_pairs), compare_many(long_pairs)
+    worst, bound = max(short.rel, long.rel), tolerances.F32_BASE
+    return Verification(quant="fp32", passed=worst <= bound,
+                        criterion=f"max|Δ|/std {worst:.2e} <= {bound:.2e} (f32 bound; exact-erf GELU as Arbor)",
+                        short=short, long=long, long_start=long_start, text_kl=text.mean_kl, text_top1=text.top1,
+                        text_positions=text.positions, bound=bound)
+
+
 def _tokenizer_size(directory: Path) -> int:
     """Ids the tokenizer uses (llama.cpp needs an embedding row for each: missing rows are zero-padded)."""
     import json
@@ -233,6 +303,8 @@ def export_onnx_artifact(
     verify: bool = True,
     threads: int = 0,
     allow_pickle: bool = False,
+    n_heads: int | None = None,
+    tokenizer: str | Path | None = None,
     progress: Progress | None = None,
 ) -> OnnxExportResult:
     """Export `src` to the ONNX model directory `out` (model.onnx + data, genai_config.json,
@@ -241,9 +313,18 @@ def export_onnx_artifact(
     The directory appears only when complete: it is built beside `out` and renamed into place.
     """
     from kiln.atomic import atomic_dir
+    from kiln.checkpoint.arbor import is_native_arbor
     from kiln.export.onnx import OnnxOptions, check_supported, export_onnx, options_json
 
     out = Path(out)
+    if is_native_arbor(src):
+        if precision != "fp32":
+            raise KilnError(f"{src}: native Arbor checkpoints export to ONNX at fp32 only (kiln writes that graph "
+                            "itself; onnxruntime-genai's builder has no GPT-2)")
+        if rope_scaling or original_context or context:
+            raise KilnError(f"{src}: a native Arbor checkpoint has absolute positions, no RoPE to scale")
+        return _export_arbor_onnx(Path(src), out, n_heads=n_heads, tokenizer=tokenizer, verify=verify,
+                                  threads=threads, allow_pickle=allow_pickle)
     options = OnnxOptions(precision=precision, block_size=block_size, symmetric=symmetric,
                           accuracy_level=accuracy_level, lm_head=lm_head, embeddings=embeddings,
                           execution_provider=execution_provider, method=method)

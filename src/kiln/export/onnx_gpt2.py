@@ -251,8 +251,10 @@ def write_gpt2_onnx(config: dict[str, Any], state: dict[str, np.ndarray], out: P
     import onnx
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer_dir is not None and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        raise KilnError(f"{tokenizer_dir}: no tokenizer.json")
     model = build_gpt2_graph(config, state)
+    out.mkdir(parents=True, exist_ok=True)
     for name in (MODEL_FILE, DATA_FILE):  # onnx appends to an existing data file
         (out / name).unlink(missing_ok=True)
     try:
@@ -266,8 +268,6 @@ def write_gpt2_onnx(config: dict[str, Any], state: dict[str, np.ndarray], out: P
         import shutil
 
         tokenizer_dir = Path(tokenizer_dir)
-        if not (tokenizer_dir / "tokenizer.json").is_file():
-            raise KilnError(f"{tokenizer_dir}: no tokenizer.json")
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
                 shutil.copyfile(tokenizer_dir / name, out / name)
