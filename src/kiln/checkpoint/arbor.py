@@ -248,6 +248,17 @@ def _source_layout(path: Path) -> str:
     return "B" if (path / "config.json").exists() else "C"
 
 
+def _safetensors_names(path: Path) -> set[str]:
+    """Tensor names from a safetensors header alone (8-byte length + JSON), without reading weights."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size < (100 << 20) else {}
+    except (OSError, ValueError):
+        return set()
+    return set(header) if isinstance(header, dict) else set()
+
+
 def is_native_arbor(path: str | Path) -> bool:
     """Whether `path` should be read here rather than by load_checkpoint: a single weights file, a
     directory without config.json, or one whose config.json is an ArborConfig (`dim`, `num_heads`,
@@ -259,7 +270,10 @@ def is_native_arbor(path: str | Path) -> bool:
     if not where.is_dir():
         return False
     if not config.exists():
-        return any(where.glob("*.safetensors")) or any(where.glob("*.bin"))
+        shards = sorted(where.glob("*.safetensors"))
+        if shards:
+            return EMBED in _safetensors_names(shards[0])
+        return any(where.glob("*.bin"))
     try:
         data = json.loads(config.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):
