@@ -72,3 +72,55 @@ def test_bad_arbor_input_is_one_line(arbor: dict[str, Path], tmp_path: Path) -> 
         assert message in res.stderr and "Traceback" not in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_gelu_drift_on_briefly_trained_weights(arbor: dict[str, Path], tmp_path: Path) -> None:
+    """Random weights barely exercise GELU's curvature; a few dozen training steps on real text give
+    activations of a trained model's spread. The GGUF must still pass, and the drift is reported."""
+    import shutil
+
+    import numpy as np
+    import torch
+    from safetensors.numpy import save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kiln.checkpoint.arbor import EMBED, GPT2_LAYER, POS, read_arbor, to_gpt2
+    from kiln.fixtures.tiny import corpus_text
+
+    spec, tensors = read_arbor(arbor["B"], allow_pickle=True)
+    config, state = to_gpt2(spec, tensors)
+    model = GPT2LMHeadModel(GPT2Config(**{k: v for k, v in config.items() if not k.startswith("arbor")}))
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()}, strict=False)
+    model.tie_weights()
+    model.transformer.wpe.weight.requires_grad_(False)  # the sinusoid stays a sinusoid, as in Arbor
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(arbor["B"] / "tokenizer" / "tokenizer.json"))
+    ids = torch.tensor(tok.encode(corpus_text()).ids)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(60):
+        starts = torch.randint(0, len(ids) - 65, (8,))
+        batch = torch.stack([ids[s:s + 64] for s in starts])
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 1.0  # it really learned something
+    trained = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    native = {EMBED: trained["transformer.wte.weight"], POS: tensors[POS],
+              "final_norm.weight": trained["transformer.ln_f.weight"], "final_norm.bias": trained["transformer.ln_f.bias"]}
+    for i in range(spec.n_layers):
+        for gpt2, name, transpose in GPT2_LAYER:
+            w = trained[f"transformer.h.{i}.{gpt2}"]
+            native[f"layers.{i}.{name}"] = np.ascontiguousarray(w.T if transpose else w)
+    src = tmp_path / "trained"
+    src.mkdir()
+    save_file(native, str(src / "model.safetensors"))
+    shutil.copy(arbor["B"] / "tokenizer" / "tokenizer.json", src / "tokenizer.json")
+    result = export_gguf_artifact(src, tmp_path / "t.f32.gguf", "f32", n_heads=spec.n_heads, threads=2)
+    ver = result.record["verification"]
+    assert ver["passed"], ver["criterion"]
+    print(f"trained: {ver['criterion']}; {ver['notes'][0]}")
