@@ -273,6 +273,43 @@ def inspect(path: Path, as_json: bool, allow_pickle: bool) -> None:
     Console().print(table)
 
 
+@cli.command("eval")
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidates", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--text", "text_file", type=click.Path(path_type=Path),
+              help="Held-out text (default: the English text kiln ships, used for nothing else).")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Chunk length; the second half is scored.")
+@click.option("--threads", type=int, default=0)
+@click.option("--json", "as_json", is_flag=True)
+def eval_cmd(reference: Path, candidates: tuple[Path, ...], text_file: Path | None, ctx: int, threads: int,
+             as_json: bool) -> None:
+    """Perplexity, KL divergence and top-1 agreement of CANDIDATES against REFERENCE.
+
+    Any mix of HF checkpoint directories, .gguf files and ONNX directories; figures as
+    llama-perplexity --kl-divergence reports them (chunks of --ctx tokens, second half scored).
+
+    \b
+    Examples:
+      kiln eval ~/.cache/kiln/fixtures/smollm2-135m out/smol.q8_0.gguf out/smol.q4_k_m.gguf out/smol-int4
+      kiln eval out/smol.f16.gguf out/smol.q4_0.gguf --text wiki.txt --ctx 1024 --json
+    """
+    from kiln.evaluate import evaluate, heldout_text, markdown
+
+    if text_file is not None:
+        try:
+            text = text_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KilnError(f"{text_file}: cannot read text ({exc})") from None
+    else:
+        text = heldout_text()
+    with _progress(not as_json) as update:
+        rows = evaluate(reference, candidates, text, ctx=ctx, threads=threads or None, progress=update)
+    if as_json:
+        _emit_json({"ctx": ctx, "rows": [r.to_json() for r in rows]})
+    else:
+        click.echo(markdown(rows, ctx))
+
+
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="Prompt text (a user message with --chat).")
