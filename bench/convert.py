@@ -33,6 +33,8 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from machine_info import machine  # bench/ is on sys.path when a benchmark runs as a script
+
 REPO = Path(__file__).resolve().parent.parent
 LLAMA_CPP_PYTHON = "0.3.36"
 DEFAULT_PROMPT = "The capital of France is"
@@ -223,25 +225,6 @@ def compare_outputs(paths: dict[str, Path], prompt: str, threads: int) -> dict:
 
 # --- report -------------------------------------------------------------------------------------
 
-def machine() -> dict:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "?"
-    ram_gb = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                ram_gb = round(int(line.split()[1]) / 1024 ** 2, 1)
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "ram_gb": ram_gb,
-            "os": platform.platform()}
 
 
 def versions(conv: Path) -> dict:

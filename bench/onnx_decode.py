@@ -54,6 +54,8 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from machine_info import machine  # bench/ is on sys.path when a benchmark runs as a script
+
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
@@ -170,25 +172,6 @@ def kv_bytes(info: dict, depth: int) -> int:
 
 # --- machine ------------------------------------------------------------------------------------
 
-def machine() -> dict:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "?"
-    ram_gb = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                ram_gb = round(int(line.split()[1]) / 1024 ** 2, 1)
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "ram_gb": ram_gb,
-            "os": platform.platform()}
 
 
 def copy_bandwidth(threads: int, mb_per_thread: int = 128, rounds: int = 5) -> float:

@@ -51,6 +51,29 @@ def _stderr_console():
     return Console(stderr=True)
 
 
+def _options(*decorators):
+    """Options several commands share, declared once (applied in the order listed)."""
+    def apply(fn):
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+    return apply
+
+
+_rope_options = _options(
+    click.option("--rope-scaling", help="Bake RoPE scaling: linear:F, yarn:F or none (default: from config.json)."),
+    click.option("--original-context", type=int, help="Context the model was trained at (for --rope-scaling)."),
+    click.option("--context", type=int, help="Context length the artifact advertises (default: factor x original)."),
+    click.option("--allow-shorter-context", is_flag=True, help="Permit --context below the trained context."),
+)
+_source_options = _options(
+    click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin / .pt (loaded with weights_only=True)."),
+    click.option("--n-heads", type=int, help="Attention heads of a native Arbor state dict without a config."),
+    click.option("--tokenizer", type=click.Path(path_type=Path),
+                 help="Directory with tokenizer.json, for a native Arbor checkpoint that has none beside it."),
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="kiln")
 def cli() -> None:
@@ -102,17 +125,11 @@ def export() -> None:
 @click.option("--quant", default="f16", show_default=True,
               help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_m, q4_k_s, q4_k_m, q5_k_m, q6_k, iq4_xs, ...")
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix for llama.cpp's quantizer.")
-@click.option("--rope-scaling", help="Bake RoPE scaling: linear:F, yarn:F or none (default: from config.json).")
-@click.option("--original-context", type=int, help="Context the model was trained at (for --rope-scaling).")
-@click.option("--context", type=int, help="Context length the artifact advertises (default: factor x original).")
-@click.option("--allow-shorter-context", is_flag=True, help="Permit --context below the trained context.")
+@_rope_options
 @click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile next to the GGUF.")
 @click.option("--no-verify", is_flag=True, help="Skip the logits check against the source (not recommended).")
 @click.option("--threads", type=int, default=0, help="Threads for quantizing and verifying (0: all).")
-@click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin / .pt (loaded with weights_only=True).")
-@click.option("--n-heads", type=int, help="Attention heads of a native Arbor state dict without a config.")
-@click.option("--tokenizer", type=click.Path(path_type=Path),
-              help="Directory with tokenizer.json, for a native Arbor checkpoint that has none beside it.")
+@_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_gguf_cmd(src: Path, out: Path, quant: str, imatrix: Path | None, rope_scaling: str | None,
                     original_context: int | None, context: int | None, allow_shorter_context: bool,
@@ -169,16 +186,10 @@ def export_gguf_cmd(src: Path, out: Path, quant: str, imatrix: Path | None, rope
               help="Token embeddings quantized (int4 GatherBlockQuantized where possible) or unquantized.")
 @click.option("--execution-provider", "-e", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Target of the graph (fp16 needs cuda).")
-@click.option("--rope-scaling", help="Bake RoPE scaling: linear:F, yarn:F or none (default: from config.json).")
-@click.option("--original-context", type=int, help="Context the model was trained at (for --rope-scaling).")
-@click.option("--context", type=int, help="Context length the artifact advertises (default: factor x original).")
-@click.option("--allow-shorter-context", is_flag=True, help="Permit --context below the trained context.")
+@_rope_options
 @click.option("--no-verify", is_flag=True, help="Skip the logits check against the source (not recommended).")
 @click.option("--threads", type=int, default=0, help="Threads for verifying (0: all).")
-@click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin / .pt (loaded with weights_only=True).")
-@click.option("--n-heads", type=int, help="Attention heads of a native Arbor state dict without a config.")
-@click.option("--tokenizer", type=click.Path(path_type=Path),
-              help="Directory with tokenizer.json, for a native Arbor checkpoint that has none beside it.")
+@_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_onnx_cmd(src: Path, out: Path, precision: str, block_size: int, symmetric: bool, accuracy_level: int,
                     lm_head: str, method: str, embeddings: str, execution_provider: str, rope_scaling: str | None,

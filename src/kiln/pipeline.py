@@ -190,7 +190,11 @@ def _export_arbor_onnx(src: Path, out: Path, *, n_heads: int | None, tokenizer: 
     with atomic_dir(out) as tmp:
         counts = write_gpt2_onnx(config, state, tmp, tokenizer_dir=tok_dir, eos_token_id=tok.eos_id,
                                  bos_token_id=tok.bos_id)
-        verification = _verify_arbor_onnx(tmp, spec, tensors, threads).to_json() if verify else None
+        verification = None
+        if verify:
+            from kiln.verify.arbor_check import verify_arbor_onnx
+
+            verification = verify_arbor_onnx(tmp, spec, tensors, threads=threads or None).to_json()
         record = {
             "kind": "onnx",
             "source": {"path": str(src.resolve()), "sha256": source_hash(src) if src.is_dir() else None,
@@ -208,39 +212,6 @@ def _export_arbor_onnx(src: Path, out: Path, *, n_heads: int | None, tokenizer: 
     if verification is not None and not verification["passed"]:
         raise KilnError(f"{out}: verification failed: {verification['criterion']} (see {manifest})")
     return OnnxExportResult(out, manifest, record, [])
-
-
-def _verify_arbor_onnx(directory: Path, spec, tensors, threads: int):
-    import numpy as np
-
-    from kiln.runtime.onnx_engine import OnnxEngine
-    from kiln.verify import tolerances
-    from kiln.verify.arbor_reference import arbor_forward
-    from kiln.verify.parity import compare, compare_many
-    from kiln.verify.result import SHORT_PROMPTS, Verification, parity_text
-
-    def ref(ids: list[int], start: int = 0) -> np.ndarray:
-        return arbor_forward(tensors, np.asarray([ids]), spec.n_heads, spec.ln_eps, spec.activation,
-                             start)[0].astype(np.float32)
-
-    with OnnxEngine(directory, n_ctx=spec.max_positions, n_seq_max=len(SHORT_PROMPTS),
-                    threads=threads or None) as engine:
-        prompts = [engine.tokenize(p)[: spec.max_positions // 4] for p in SHORT_PROMPTS]
-        short_pairs = [(ref(ids), engine.prefill(ids, seq=row, all_logits=True)) for row, ids in enumerate(prompts)]
-        nexts = [int(np.argmax(r[-1])) for r, _ in short_pairs]
-        stepped = engine.step(nexts, list(range(len(prompts))))
-        short_pairs += [(ref(ids + [n])[-1:], stepped[i:i + 1]) for i, (ids, n) in enumerate(zip(prompts, nexts))]
-        engine.reset()
-        long_start = max(0, spec.max_positions - max(len(p) for p in prompts) - 1)
-        long_pairs = [(ref(ids, long_start), engine.score(ids, start=long_start)) for ids in prompts]
-        text_ids = engine.tokenize(parity_text())[: spec.max_positions]
-        text = compare(ref(text_ids), engine.score(text_ids))
-    short, long = compare_many(short_pairs), compare_many(long_pairs)
-    worst, bound = max(short.rel, long.rel), tolerances.F32_BASE
-    return Verification(quant="fp32", passed=worst <= bound,
-                        criterion=f"max|Δ|/std {worst:.2e} <= {bound:.2e} (f32 bound; exact-erf GELU as Arbor)",
-                        short=short, long=long, long_start=long_start, text_kl=text.mean_kl, text_top1=text.top1,
-                        text_positions=text.positions, bound=bound)
 
 
 def _tokenizer_size(directory: Path) -> int:

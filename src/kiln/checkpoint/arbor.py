@@ -27,6 +27,7 @@ import numpy as np
 
 from kiln.checkpoint.tensors import find_weight_files, open_pickle, open_safetensors
 from kiln.errors import KilnError
+from kiln.jsonfile import read_json_object
 
 EMBED = "token_embedding.embedding.weight"
 POS = "pos_encoding.pe"
@@ -152,13 +153,7 @@ def _read_directory(directory: Path, allow_pickle: bool) -> tuple[dict[str, np.n
     path = directory / "config.json"
     if not path.exists():
         return tensors, None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KilnError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise KilnError(f"{path}: expected a JSON object")
-    return tensors, config
+    return tensors, read_json_object(path)
 
 
 def _sidecar(directory: Path) -> tuple[Path, dict[str, Any]] | None:

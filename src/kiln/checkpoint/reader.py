@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from kiln.checkpoint.spec import ModelSpec
 from kiln.checkpoint.tensors import TensorSource, open_weights
 from kiln.checkpoint.tokenizer import read_tokenizer
 from kiln.errors import KilnError
+from kiln.jsonfile import read_json_object
 
 
 @dataclass
@@ -52,13 +52,7 @@ def _load_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not path.exists():
         raise KilnError(f"{directory}: config.json is missing (expected a Hugging Face checkpoint directory)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KilnError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise KilnError(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(path)
 
 
 def _int(config: dict[str, Any], key: str, path: Path, default: int | None = None) -> int:

@@ -17,7 +17,6 @@ Imports numpy, onnxruntime and tokenizers only: apps embed it without torch.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import KilnError
+from kiln.jsonfile import read_json_object
 from kiln.runtime.engine import Engine, default_threads
 
 # End-of-turn markers of the supported chat templates (ChatML, Llama 3, Zephyr/Phi, Qwen).
@@ -41,14 +41,9 @@ def _ort():
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return read_json_object(path)
     except FileNotFoundError:
         raise KilnError(f"{path}: missing (not an ONNX model directory written by kiln or onnxruntime-genai)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KilnError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise KilnError(f"{path}: expected a JSON object")
-    return data
 
 
 def _ids(value: Any) -> list[int]:

@@ -1,4 +1,4 @@
-"""Verify a native-Arbor GGUF (llama.cpp gpt2) against Arbor's own forward (kiln.verify.arbor_reference).
+"""Verify native-Arbor artifacts (GGUF on llama.cpp gpt2, ONNX GPT-2) against Arbor's own forward.
 
 llama.cpp's gpt2 graph computes GELU with the tanh approximation (through an f16 lookup table on
 CPU) where Arbor uses exact erf, and no GGUF key can change that. So the check runs the reference
@@ -87,10 +87,34 @@ def verify_arbor_gguf(gguf: Path, spec: ArborSpec, tensors: dict[str, np.ndarray
     else:
         deq = dequantized_native(gguf, spec)
         floor = compare(text_ref, _forward(spec, deq, text_ids, "gelu_tanh")).mean_kl
-        bound = tolerances.quantized_bound(floor)
-        passed = text_cmp.mean_kl <= bound
-        criterion = (f"mean KL {text_cmp.mean_kl:.4f} <= {bound:.4f} ({tolerances.QUANT_FLOOR_MULTIPLE:g}x the KL "
-                     f"of its dequantized weights with tanh GELU, {floor:.4f})")
+        passed, bound, criterion = tolerances.quantized_verdict(
+            text_cmp.mean_kl, floor, "its dequantized weights with tanh GELU")
     return Verification(quant=quant, passed=passed, criterion=criterion, short=short, long=long,
                         long_start=long_start, text_kl=text_cmp.mean_kl, text_top1=text_cmp.top1,
                         text_positions=text_cmp.positions, floor_rel=floor, bound=bound, notes=notes)
+
+
+def verify_arbor_onnx(directory: Path, spec: ArborSpec, tensors: dict[str, np.ndarray],
+                      threads: int | None = None) -> Verification:
+    """Native Arbor as kiln's GPT-2 graph: onnxruntime computes exact-erf GELU as Arbor does, so unlike
+    the GGUF check there is no GELU allowance: the flat f32 bound applies."""
+    from kiln.runtime.onnx_engine import OnnxEngine
+    from kiln.verify.onnx_check import row_pairs
+
+    def ref(ids: list[int], start: int = 0) -> np.ndarray:
+        return arbor_forward(tensors, np.asarray([ids]), spec.n_heads, spec.ln_eps, spec.activation,
+                             start)[0].astype(np.float32)
+
+    with OnnxEngine(directory, n_ctx=spec.max_positions, n_seq_max=len(SHORT_PROMPTS), threads=threads) as engine:
+        prompts = [engine.tokenize(p)[: spec.max_positions // 4] for p in SHORT_PROMPTS]
+        short_pairs = row_pairs(engine, prompts, ref)
+        long_start = max(0, spec.max_positions - max(len(p) for p in prompts) - 1)
+        long_pairs = [(ref(ids, long_start), engine.score(ids, start=long_start)) for ids in prompts]
+        text_ids = engine.tokenize(parity_text())[: spec.max_positions]
+        text = compare(ref(text_ids), engine.score(text_ids))
+    short, long = compare_many(short_pairs), compare_many(long_pairs)
+    worst, bound = max(short.rel, long.rel), tolerances.F32_BASE
+    return Verification(quant="fp32", passed=worst <= bound,
+                        criterion=f"max|Δ|/std {worst:.2e} <= {bound:.2e} (f32 bound; exact-erf GELU as Arbor)",
+                        short=short, long=long, long_start=long_start, text_kl=text.mean_kl, text_top1=text.top1,
+                        text_positions=text.positions, bound=bound)

@@ -70,10 +70,7 @@ def verify_gguf(gguf: str | Path, source: str | Path, rope: RopeSettings, quant:
         # Faithful = llama.cpp runs the artifact as its own (dequantized) weights say; the
         # quality of the quantization itself is the KL against the published anchor.
         floor_rel = weights_kl
-        bound = tolerances.quantized_bound(weights_kl)
-        passed = text_cmp.mean_kl <= bound
-        criterion = (f"mean KL {text_cmp.mean_kl:.4f} <= {bound:.4f} "
-                     f"({tolerances.QUANT_FLOOR_MULTIPLE:g}x the KL of its dequantized weights, {weights_kl:.4f})")
+        passed, bound, criterion = tolerances.quantized_verdict(text_cmp.mean_kl, weights_kl)
     quality = None
     if quant in tolerances.KL_BOUNDS:
         anchor = tolerances.KL_BOUNDS[quant]

@@ -8,6 +8,7 @@ rows, misplaces a row's position or writes its cache in the wrong slot fails her
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,23 @@ from kiln.verify import tolerances
 from kiln.verify.parity import compare, compare_many
 from kiln.verify.reference import Reference
 from kiln.verify.result import SHORT_PROMPTS, Verification, parity_text
+
+
+def row_pairs(engine: OnnxEngine, prompts: list[list[int]],
+              reference: Callable[[list[int]], np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(reference, engine) logit pairs with the prompts as rows of different lengths, prefilled one by
+    one, then one batched step for all rows (each with the reference's own next token)."""
+    engine.reset()
+    pairs, nexts = [], []
+    for row, ids in enumerate(prompts):
+        want = reference(ids)
+        pairs.append((want, engine.prefill(ids, seq=row, all_logits=True)))
+        nexts.append(int(np.argmax(want[-1])))
+    stepped = engine.step(nexts, list(range(len(prompts))))
+    for row, ids in enumerate(prompts):
+        pairs.append((reference(ids + [nexts[row]])[-1:], stepped[row:row + 1]))
+    engine.reset()
+    return pairs
 
 
 def verify_onnx(onnx_dir: str | Path, source: str | Path, rope: RopeSettings, precision: str,
@@ -37,20 +55,8 @@ def verify_onnx(onnx_dir: str | Path, source: str | Path, rope: RopeSettings, pr
         context = int(rope.context_length or engine.context_length)
         longest = max(len(p) for p in prompts)
         long_start = max(0, context - longest - 1)
-        short_pairs, long_pairs = [], []
-        # Rows of different lengths, prefilled one by one, then one batched step for all.
-        engine.reset()
-        nexts = []
-        for row, ids in enumerate(prompts):
-            r0 = ref.logits(ids)
-            short_pairs.append((r0, engine.prefill(ids, seq=row, all_logits=True)))
-            nexts.append(int(np.argmax(r0[-1])))
-        stepped = engine.step(nexts, list(range(len(prompts))))
-        for row, ids in enumerate(prompts):
-            short_pairs.append((ref.logits(ids + [nexts[row]])[-1:], stepped[row:row + 1]))
-        engine.reset()
-        for ids in prompts:
-            long_pairs.append((ref.logits(ids, start=long_start), engine.score(ids, start=long_start)))
+        short_pairs = row_pairs(engine, prompts, ref.logits)
+        long_pairs = [(ref.logits(ids, start=long_start), engine.score(ids, start=long_start)) for ids in prompts]
         text_ref = ref.logits(text_ids)
         text_cmp = compare(text_ref, engine.score(text_ids))
         weights_kl = None
@@ -71,10 +77,7 @@ def verify_onnx(onnx_dir: str | Path, source: str | Path, rope: RopeSettings, pr
         passed, criterion = worst <= bound, f"max|Δ|/std {worst:.2e} <= {bound:.2e} (f32 bound)"
     else:
         floor_rel = weights_kl
-        bound = tolerances.quantized_bound(weights_kl)
-        passed = text_cmp.mean_kl <= bound
-        criterion = (f"mean KL {text_cmp.mean_kl:.4f} <= {bound:.4f} "
-                     f"({tolerances.QUANT_FLOOR_MULTIPLE:g}x the KL of its dequantized weights, {weights_kl:.4f})")
+        passed, bound, criterion = tolerances.quantized_verdict(text_cmp.mean_kl, weights_kl)
     quality = None
     anchor = tolerances.ONNX_KL_BOUNDS.get(precision)
     if anchor is not None:

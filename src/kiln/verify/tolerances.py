@@ -58,6 +58,14 @@ def quantized_bound(weights_kl: float) -> float:
     return QUANT_FLOOR_MULTIPLE * weights_kl + QUANT_FLOOR_SLACK
 
 
+def quantized_verdict(text_kl: float, weights_kl: float, weights: str = "its dequantized weights"
+                      ) -> tuple[bool, float, str]:
+    """(passed, bound, criterion) of the quantized faithfulness check, worded the same for every format."""
+    bound = quantized_bound(weights_kl)
+    return text_kl <= bound, bound, (f"mean KL {text_kl:.4f} <= {bound:.4f} "
+                                     f"({QUANT_FLOOR_MULTIPLE:g}x the KL of {weights}, {weights_kl:.4f})")
+
+
 def f32_bound(max_position: int) -> float:
     return F32_BASE + F32_PER_POSITION * max_position
 
