@@ -47,7 +47,7 @@ def modelfile_path(gguf: Path) -> Path:
 def export_gguf_artifact(
     src: str | Path,
     out: str | Path,
-    quant: str = "f16",
+    quant: str | None = None,
     *,
     rope_scaling: str | None = None,
     original_context: int | None = None,
@@ -68,21 +68,23 @@ def export_gguf_artifact(
     `n_heads` and `tokenizer` are for Arbor sources that do not carry them.
     """
     from kiln.checkpoint.arbor import is_native_arbor
-    from kiln.export.gguf import export_gguf
+    from kiln.export.gguf import default_quant, export_gguf
 
     out = Path(out)
-    qtype = quant_type(quant)
     if is_native_arbor(src):
+        qtype = quant_type(quant or "f16")
         if rope_scaling or original_context or context:
             raise KilnError(f"{src}: a native Arbor checkpoint has absolute positions, no RoPE to scale")
         return _export_arbor_gguf(Path(src), out, qtype, n_heads=n_heads, tokenizer=tokenizer,
                                   imatrix=imatrix, modelfile=modelfile, verify=verify, threads=threads,
                                   allow_pickle=allow_pickle, progress=progress)
     ckpt = load_checkpoint(src, allow_pickle=allow_pickle)
+    qtype = quant_type(quant or default_quant(ckpt))
     rope = resolve(ckpt.spec.rope, rope_scaling, original_context, context, allow_shorter_context)
     imatrix_path = Path(imatrix) if imatrix else None
-    stats = export_gguf(ckpt, out, qtype, rope, imatrix=imatrix_path, threads=threads, progress=progress)
     warnings: list[str] = []
+    stats = export_gguf(ckpt, out, qtype, rope, imatrix=imatrix_path, threads=threads, progress=progress,
+                        warnings=warnings)
     reachable = reachable_missing(ckpt.spec.tokenizer.unrepresentable_bytes) if ckpt.spec.tokenizer else []
     if reachable:
         warnings.append(f"vocabulary has no byte token for {describe(reachable)}: "
@@ -305,6 +307,13 @@ def export_onnx_artifact(
                         "pass --no-verify to export one unverified")
     ckpt = load_checkpoint(src, allow_pickle=allow_pickle)
     check_supported(ckpt)
+    if ckpt.gptq is not None:
+        # The builder's GPTQ loader keeps the checkpoint's codes and scales (MatMulNBits, not
+        # re-quantized); --precision then only reaches the tensors GPTQ left in float.
+        wanted = f"int{ckpt.gptq.bits}"
+        if precision != wanted:
+            raise KilnError(f"{src}: a {ckpt.gptq.bits}-bit GPTQ checkpoint exports as --precision {wanted} "
+                            "(its weights go into the graph as they are)")
     rope = resolve(ckpt.spec.rope, rope_scaling, original_context, context, allow_shorter_context)
     if out.exists() and not out.is_dir():
         raise KilnError(f"{out}: exists and is not a directory")

@@ -10,6 +10,7 @@ from typing import Any
 
 from kiln.checkpoint import rope as rope_mod
 from kiln.checkpoint.families import BY_TENSORS, FAMILIES, READ_ELSEWHERE, detect_by_tensors, supported
+from kiln.checkpoint.gptq import GPTQConfig, GPTQTensors, read_gptq_config
 from kiln.checkpoint.layout import expected_tensors
 from kiln.checkpoint.spec import ModelSpec
 from kiln.checkpoint.tensors import TensorSource, open_weights
@@ -22,6 +23,7 @@ from kiln.jsonfile import read_json_object
 class Checkpoint:
     spec: ModelSpec
     tensors: TensorSource
+    gptq: GPTQConfig | None = None  # set for GPTQ checkpoints; `tensors` then dequantizes on load
 
     def source_hash(self) -> str:
         return source_hash(self.spec.source)
@@ -175,5 +177,8 @@ def load_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
 
     spec = read_spec(directory, config, tensor_names)
     tensors = opened[-1] if opened else open_weights(directory, allow_pickle=allow_pickle)
+    gptq = read_gptq_config(directory, config)
+    if gptq is not None:
+        tensors = GPTQTensors(tensors, gptq)
     check_tensors(spec, tensors)
-    return Checkpoint(spec, tensors)
+    return Checkpoint(spec, tensors, gptq)

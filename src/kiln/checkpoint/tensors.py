@@ -107,6 +107,15 @@ class TensorSource:
         """The tensor as a float32 array (a copy; the mapped file is never written)."""
         if name in self._pickled:
             return np.asarray(self._pickled[name], dtype=np.float32)
+        raw = self.load_raw(name)
+        if self._infos[name].dtype == "BF16":
+            return bf16_to_f32(raw)
+        return raw.astype(np.float32)
+
+    def load_raw(self, name: str) -> np.ndarray:
+        """The tensor in its stored dtype (packed integer tensors must not pass through float32)."""
+        if name in self._pickled:
+            return np.asarray(self._pickled[name])
         info = self._infos[name]
         # pread into a fresh buffer rather than memory-mapping: mapped pages stay in the
         # process's RSS for the life of the mapping (the whole file by the end), read pages don't.
@@ -115,10 +124,7 @@ class TensorSource:
             f.seek(info.start)
             if f.readinto(buf) != len(buf):
                 raise KilnError(f"{info.file}: truncated while reading tensor {name!r}")
-        raw = np.frombuffer(buf, dtype=_DTYPES[info.dtype]).reshape(info.shape)
-        if info.dtype == "BF16":
-            return bf16_to_f32(raw)
-        return raw.astype(np.float32)
+        return np.frombuffer(buf, dtype=_DTYPES[info.dtype]).reshape(info.shape)
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self.names():
@@ -150,8 +156,8 @@ def open_pickle(files: list[Path]) -> TensorSource:
         if not isinstance(state, dict):
             raise KilnError(f"{path}: expected a state dict, found {type(state).__name__}")
         for name, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[name] = value.float().numpy()
+            if isinstance(value, torch.Tensor):  # packed integer tensors (GPTQ) keep their dtype
+                tensors[name] = value.float().numpy() if value.is_floating_point() else value.numpy()
     return TensorSource({}, tensors)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, GGUFWriter
 from gguf.quants import quantize
@@ -27,6 +28,7 @@ from kiln.checkpoint.rope import RopeSettings
 from kiln.compress.llama_quant import QuantType, quantize_gguf
 from kiln.errors import KilnError
 from kiln.export.gguf_arch import ARCHS, gguf_name, transform
+from kiln.export.gguf_blocks import gguf_blocks, gguf_type_for, q4_1_min_error
 from kiln.export.gguf_meta import llama3_rope_factors, write_hparams, write_tokenizer
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -69,9 +71,65 @@ def _byte_shape(shape: tuple[int, ...], qtype: Q) -> tuple[int, ...]:
     return (*shape[:-1], shape[-1] * itemsize)
 
 
+_GPTQ_TARGETS = {"q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q8_0": Q.Q8_0}
+
+
+def default_quant(ckpt: Checkpoint) -> str:
+    """f16 for float checkpoints; a GPTQ checkpoint's own GGUF block type (bit-exact) otherwise."""
+    g = ckpt.gptq
+    if g is None:
+        return "f16"
+    if g.bits == 8:
+        return "q8_0"
+    return "q4_0" if g.sym else "q4_1"
+
+
+def gptq_plan(ckpt: Checkpoint, quant: QuantType) -> tuple[dict[str, Q], list[str]]:
+    """GPTQ linears that go into the GGUF as their own blocks, and a warning for those that cannot.
+
+    Only linears whose GPTQ grid *is* a GGUF block of the requested type are kept exactly;
+    the rest are dequantized here and requantized by llama.cpp, which loses the calibration's
+    rounding decisions (the warning says why, and which --quant would keep them).
+    """
+    if ckpt.gptq is None:
+        return {}, []
+    target = _GPTQ_TARGETS.get(quant.name)
+    plan: dict[str, Q] = {}
+    reasons: dict[str, int] = {}
+    exact_type = None
+    min_error = 0.0
+    for base in ckpt.tensors.linears:
+        layer = ckpt.tensors.linear(base)
+        t, why = gguf_type_for(layer, ckpt.gptq.group_size)
+        if t is not None:
+            exact_type = t
+        if t is not None and t == target:
+            plan[f"{base}.weight"] = t
+            if t == Q.Q4_1:
+                min_error = max(min_error, q4_1_min_error(layer))
+            continue
+        if t is not None:
+            why = f"its exact GGUF type is {t.name.lower()}, not {quant.name}"
+        reasons[why] = reasons.get(why, 0) + 1
+    warnings = []
+    for why, n in reasons.items():
+        hint = f" (--quant {exact_type.name.lower()} keeps them bit for bit)" if exact_type is not None else ""
+        warnings.append(f"{n} GPTQ linears are dequantized and requantized to {quant.name}: {why}; the "
+                        f"calibrated rounding is not kept{hint}")
+    if min_error > 0:
+        warnings.append(f"Q4_1 stores the block minimum as float16: GPTQ zero·scale rounded by up to {min_error:.3g} "
+                        "(kiln's own q4_1 grid is exact)")
+    return plan, warnings
+
+
 def write_direct_gguf(ckpt: Checkpoint, dest: Path, qtype: Q, file_type: int, rope: RopeSettings,
-                      progress: Progress | None = None) -> None:
-    """Write f32/f16/bf16 GGUF at `dest` (not atomic by itself: callers pass a temp path)."""
+                      progress: Progress | None = None, blocks: dict[str, Q] | None = None) -> None:
+    """Write f32/f16/bf16 GGUF at `dest` (not atomic by itself: callers pass a temp path).
+
+    `blocks` names GPTQ linears written as their own GGUF blocks (gptq_plan); llama.cpp's
+    quantizer later copies tensors already of the target type unchanged.
+    """
+    blocks = blocks or {}
     spec = ckpt.spec
     arch = ARCHS[spec.family]
     if spec.tokenizer is None:
@@ -80,14 +138,25 @@ def write_direct_gguf(ckpt: Checkpoint, dest: Path, qtype: Q, file_type: int, ro
     write_hparams(w, spec, rope, file_type)
     write_tokenizer(w, spec)
     plan = list(_planned(ckpt, rope))
-    for name, _hf, shape in plan:
-        t = _tensor_qtype(shape, qtype)
-        byte_shape = _byte_shape(shape, t)
+    for name, hf, shape in plan:
+        if hf in blocks:
+            t = blocks[hf]
+            block, nbytes = GGML_QUANT_SIZES[t]
+            byte_shape = (*shape[:-1], shape[-1] // block * nbytes)
+        else:
+            t = _tensor_qtype(shape, qtype)
+            byte_shape = _byte_shape(shape, t)
         w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for i, (name, hf, shape) in enumerate(plan):
+        if hf in blocks:
+            raw = gguf_blocks(ckpt.tensors.linear(hf[: -len(".weight")]), blocks[hf])
+            w.write_tensor_data(transform(arch, hf, raw, spec.n_heads, spec.n_kv_heads))
+            if progress:
+                progress("convert", i + 1, len(plan))
+            continue
         if hf is None:
             arr = llama3_rope_factors(spec, rope)
         else:
@@ -132,10 +201,16 @@ def tensor_stats(reader: GGUFReader, path: Path) -> GGUFStats:
 
 
 def export_gguf(ckpt: Checkpoint, out: str | os.PathLike[str], quant: QuantType, rope: RopeSettings,
-                imatrix: Path | None = None, threads: int = 0, progress: Progress | None = None) -> GGUFStats:
-    """Write `out` atomically: direct types in one pass, others via an f32 intermediate."""
+                imatrix: Path | None = None, threads: int = 0, progress: Progress | None = None,
+                warnings: list[str] | None = None) -> GGUFStats:
+    """Write `out` atomically: direct types in one pass, others via an f32 intermediate
+    (which already holds a GPTQ checkpoint's linears as blocks of the target type)."""
+    blocks, notes = gptq_plan(ckpt, quant)
+    if warnings is not None:
+        warnings.extend(notes)
     return write_gguf_atomic(
-        Path(out), quant, lambda dest, qtype, ftype: write_direct_gguf(ckpt, dest, qtype, ftype, rope, progress),
+        Path(out), quant,
+        lambda dest, qtype, ftype: write_direct_gguf(ckpt, dest, qtype, ftype, rope, progress, blocks),
         imatrix=imatrix, threads=threads, progress=progress)
 
 

@@ -179,15 +179,21 @@ def _matmul_nbits(node, attrs: dict, packed: np.ndarray, hf: str, consts: _Const
     k, n, bits, block = int(attrs["K"]), int(attrs["N"]), int(attrs.get("bits", 4)), int(attrs["block_size"])
     blocks = -(-k // block)
     opt = list(node.input) + [""] * 6
-    if opt[4]:
-        raise KilnError(f"{path}: {node.name} uses g_idx (act-order), which kiln does not read")
     if packed.dtype != np.uint8 or packed.size != n * blocks * block * bits // 8:
         raise KilnError(f"{path}: {node.name} has {packed.dtype} weights of shape {list(packed.shape)}, "
                         f"expected uint8 [{n}, {blocks}, {block * bits // 8}]")
     codes = _unpack(packed.reshape(n, -1), bits)
     scales = consts.value(opt[2]).astype(np.float32).reshape(n, blocks)
     zero = _zero_points(consts.value(opt[3]) if opt[3] else None, (n, blocks), bits, np.uint8)
-    out = {hf: _dequantize(codes, scales, zero, block)[:, :k]}
+    if opt[4]:  # g_idx (GPTQ act-order): column k uses the parameters of group g_idx[k]
+        g_idx = consts.value(opt[4]).astype(np.int64).reshape(-1)
+        if g_idx.shape != (k,) or g_idx.min(initial=0) < 0 or g_idx.max(initial=0) >= blocks:
+            raise KilnError(f"{path}: {node.name} has a g_idx of shape {list(g_idx.shape)} that does not index "
+                            f"its {blocks} groups")
+        weight = (codes[:, :k].astype(np.float32) - zero[:, g_idx]) * scales[:, g_idx]
+    else:
+        weight = _dequantize(codes, scales, zero, block)[:, :k]
+    out = {hf: weight}
     if opt[_MATMUL_NBITS_BIAS]:
         out[hf.rsplit(".", 1)[0] + ".bias"] = consts.value(opt[_MATMUL_NBITS_BIAS])
     return out

@@ -34,8 +34,12 @@ class Reference:
             theta = _rope_theta(config)
             config.rope_parameters = rope.hf_rope_parameters(theta)
             config.max_position_embeddings = max(int(rope.context_length or 0), config.max_position_embeddings)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            source, config=config, dtype=getattr(torch, dtype), trust_remote_code=False, attn_implementation="eager")
+        if getattr(config, "quantization_config", None):
+            self.model = _dequantized_model(source, config, getattr(torch, dtype))
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                source, config=config, dtype=getattr(torch, dtype), trust_remote_code=False,
+                attn_implementation="eager")
         self.model.eval()
         self._cache: dict[tuple[tuple[int, ...], int], np.ndarray] = {}
 
@@ -68,6 +72,29 @@ class Reference:
                 if p.ndim >= 2:
                     p.copy_(p.to(getattr(torch, dtype)).float())
         return clone
+
+
+def _dequantized_model(source: str | Path, config, dtype):
+    """A quantized (GPTQ) checkpoint as a float transformers model: kiln's reader dequantizes
+    every linear, so no GPTQ kernel package (optimum, gptqmodel) is needed to run it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kiln.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(source)
+    if ckpt.gptq is None:
+        raise KilnError(f"{source}: quantization_config names a method kiln cannot read")
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
+    state = {name: torch.from_numpy(ckpt.tensors.load(name)).to(dtype) for name in ckpt.tensors.names()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise KilnError(f"{source}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model
 
 
 def with_gguf_weights(ref: Reference, gguf: str | Path, permuted_qk: bool, n_heads: int,

@@ -1,0 +1,322 @@
+"""GPTQ (Frantar et al. 2022) in torch on the CPU, writing the auto-gptq/GPTQModel checkpoint format.
+
+Own implementation because the maintained libraries cannot run here (DESIGN.md §2: auto-gptq
+is abandoned and does not build against current torch; GPTQModel needs a newer torch and
+targets GPUs). The algorithm is the paper's, as auto-gptq implements it:
+
+* layer by layer on real calibration activations: the inputs of decoder layer i are the
+  outputs of layers < i *already quantized*, so each layer corrects the error upstream;
+* within a layer, "true sequential" groups (q/k/v, then o, then gate/up, then down), each
+  seeing the outputs of the groups quantized before it;
+* per linear, H = 2·XᵀX/n over the calibration tokens, dampened by `damp`·mean(diag H),
+  inverted through Cholesky; columns quantized left to right (or by decreasing diag H with
+  act-order), each column's rounding error spread over the columns not yet quantized via
+  the upper Cholesky factor of H⁻¹, in lazy blocks of 128 columns.
+
+With act-order kiln uses static groups (GPTQModel's `static_groups`): group parameters come
+from the original weights of contiguous column groups, so g_idx stays trivial and the result
+still maps onto GGUF blocks. See kiln.compress.gptq_grid for the grids.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.atomic import atomic_dir
+from kiln.checkpoint import load_checkpoint
+from kiln.checkpoint.gptq import GPTQConfig, GPTQLinear, pack_linear
+from kiln.compress.gptq_grid import Grid, choose_grid, grid_params, quantize_values
+from kiln.errors import KilnError
+
+Progress = Callable[[str, int, int], None]
+
+SEQUENTIAL_GROUPS = [
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    ["self_attn.o_proj"],
+    ["mlp.gate_proj", "mlp.up_proj"],
+    ["mlp.down_proj"],
+]
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                "tokenizer.model", "generation_config.json", "chat_template.jinja", "chat_template.json",
+                "added_tokens.json", "LICENSE", "LICENSE.txt", "LICENSE.md", "README.md")
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    bits: int = 4
+    group_size: int = 32
+    sym: bool = True
+    act_order: bool = False
+    damp: float = 0.01
+    seq_len: int = 512
+    samples: int = 128  # at most this many calibration chunks of seq_len tokens
+    block_size: int = 128
+    true_sequential: bool = True
+
+    def validate(self) -> None:
+        if self.bits not in (4, 8):
+            raise KilnError(f"--bits {self.bits}: GPTQ here writes 4 or 8 bits")
+        if self.group_size not in (32, 64, 128):
+            raise KilnError(f"--group-size {self.group_size}: choose 32, 64 or 128")
+        if not 0 < self.damp < 1:
+            raise KilnError(f"--damp {self.damp}: must be between 0 and 1")
+        if self.seq_len < 16:
+            raise KilnError(f"--seq-len {self.seq_len}: too short for calibration (at least 16 tokens)")
+
+
+@dataclass
+class GPTQReport:
+    out: Path
+    grid: str
+    layers: int
+    linears: int
+    chunks: int
+    tokens: int
+    seconds: float
+    mean_rel_error: float  # mean over linears of ||W−Q||_F / ||W||_F (weights only)
+    output_error: float  # mean over layers of relative error of the quantized layer's output
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def gptq_linear(weight, hessian, grid: Grid, group_size: int, act_order: bool, damp: float,
+                block_size: int = 128) -> tuple[GPTQLinear, Any]:
+    """Quantize one weight [out, in] given H [in, in]; returns (codes and parameters, dequantized weight)."""
+    import torch
+
+    W = weight.detach().clone().float()
+    H = hessian.detach().clone().double()
+    n_out, n_in = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    n_groups = math.ceil(n_in / group_size)
+    scales = torch.zeros(n_out, n_groups)
+    zeros = torch.zeros(n_out, n_groups)
+    static = act_order
+    if static:  # group parameters from the original weights of contiguous groups
+        for g in range(n_groups):
+            scales[:, g], zeros[:, g] = grid_params(W[:, g * group_size:(g + 1) * group_size], grid)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n_in)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    diag_mean = torch.mean(torch.diag(H))
+    for attempt in range(6):
+        try:
+            Hd = H + torch.eye(n_in, dtype=H.dtype) * (damp * (10 ** attempt)) * diag_mean
+            L = torch.linalg.cholesky(Hd)
+            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+            break
+        except RuntimeError:  # not positive definite: dampen harder (GPTQModel's auto-increment)
+            continue
+    else:
+        raise KilnError("GPTQ: the calibration Hessian is singular even with heavy damping")
+    Q = torch.zeros_like(W)
+    codes = torch.zeros_like(W)
+    for i1 in range(0, n_in, block_size):
+        i2 = min(i1 + block_size, n_in)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        C1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static:
+                g = int(perm[col]) // group_size
+            else:
+                g = col // group_size
+                if col % group_size == 0:  # parameters from the current (error-updated) group
+                    scales[:, g], zeros[:, g] = grid_params(W1[:, i:i + group_size], grid)
+            w = W1[:, i]
+            q, deq = quantize_values(w, scales[:, g], zeros[:, g], grid)
+            C1[:, i] = q
+            Q1[:, i] = deq
+            err = (w - deq) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        codes[:, i1:i2] = C1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    Q = Q[:, inv]
+    codes = codes[:, inv]
+    g_idx = np.arange(n_in, dtype=np.int32) // group_size
+    layer = GPTQLinear(q=codes.numpy().astype(np.uint8), scales=scales.T.numpy().astype(np.float16),
+                       zeros=zeros.T.numpy().astype(np.int32), g_idx=g_idx, bits=grid.bits)
+    return layer, Q
+
+
+def calibration_chunks(tokens: list[int], seq_len: int, samples: int, bos_id: int | None) -> list[list[int]]:
+    """Consecutive chunks of `seq_len` tokens, each starting with BOS where the model has one."""
+    n = len(tokens) // seq_len
+    if n == 0:
+        raise KilnError(f"calibration text has {len(tokens)} tokens, fewer than one chunk of {seq_len}; "
+                        "use a longer text or a smaller --seq-len")
+    out = []
+    for i in range(min(n, samples)):
+        chunk = list(tokens[i * seq_len:(i + 1) * seq_len])
+        if bos_id is not None:
+            chunk[0] = bos_id
+        out.append(chunk)
+    return out
+
+
+def _load_float_model(src: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    ckpt = load_checkpoint(src)
+    if ckpt.gptq is not None:
+        raise KilnError(f"{src}: already a GPTQ checkpoint; quantize its float original instead")
+    if ckpt.spec.family not in ("llama", "qwen2", "qwen3"):
+        raise KilnError(f"{src}: GPTQ supports Llama/Qwen2/Qwen3 layouts, not {ckpt.spec.hf_architecture}")
+    from kiln.verify.reference import _hf_config
+    from transformers import AutoConfig
+
+    config = _hf_config(src, AutoConfig)
+    model = AutoModelForCausalLM.from_pretrained(src, config=config, dtype=torch.float32,
+                                                 trust_remote_code=False, attn_implementation="sdpa")
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
+    return ckpt, model, tok
+
+
+def _layer_call(layer, hidden, pe, pos):
+    out = layer(hidden, attention_mask=None, position_embeddings=pe, position_ids=pos,
+                past_key_values=None, use_cache=False)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def quantize_model(src: str | Path, text: str, opts: GPTQOptions, threads: int | None = None,
+                   progress: Progress | None = None) -> tuple[dict[str, GPTQLinear], GPTQReport, Any, Any]:
+    """Run GPTQ over every decoder linear: (quantized linears by name, report, checkpoint, and the
+    transformers model now holding the quantized weights, which the written checkpoint must reproduce)."""
+    import time
+
+    import torch
+
+    opts.validate()
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    src = Path(src)
+    ckpt, model, tok = _load_float_model(src)
+    grid = choose_grid(opts.bits, opts.group_size, opts.sym)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    bos = ckpt.spec.tokenizer.bos_id if ckpt.spec.tokenizer and ckpt.spec.tokenizer.add_bos else None
+    chunks = calibration_chunks(ids, opts.seq_len, opts.samples, bos)
+    inner = model.model
+    results: dict[str, GPTQLinear] = {}
+    rel_errors: list[float] = []
+    out_errors: list[float] = []
+    with torch.no_grad():
+        x = torch.tensor(chunks)
+        pos = torch.arange(opts.seq_len).unsqueeze(0)
+        hidden = [inner.embed_tokens(x[i:i + 1]) for i in range(len(chunks))]
+        pe = inner.rotary_emb(hidden[0], position_ids=pos)
+        n_layers = len(inner.layers)
+        for li, layer in enumerate(inner.layers):
+            if progress:
+                progress("gptq", li, n_layers)
+            float_out = [_layer_call(layer, h, pe, pos) for h in hidden]
+            groups = SEQUENTIAL_GROUPS if opts.true_sequential else [sum(SEQUENTIAL_GROUPS, [])]
+            for names in groups:
+                modules = {n: layer.get_submodule(n) for n in names}
+                sums = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in modules.items()}
+                count = [0]
+
+                def hook(name):
+                    def fn(_mod, inputs, _out):
+                        a = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+                        sums[name] += a.T @ a
+                        if name == names[0]:
+                            count[0] += a.shape[0]
+                    return fn
+
+                handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+                try:
+                    for h in hidden:
+                        _layer_call(layer, h, pe, pos)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                for n, m in modules.items():
+                    H = 2.0 * sums[n] / max(count[0], 1)
+                    q_layer, deq = gptq_linear(m.weight, H, grid, opts.group_size, opts.act_order, opts.damp,
+                                               opts.block_size)
+                    rel_errors.append(float(torch.linalg.norm(m.weight - deq) / torch.linalg.norm(m.weight)))
+                    m.weight.copy_(deq)
+                    results[f"model.layers.{li}.{n}"] = q_layer
+            hidden = [_layer_call(layer, h, pe, pos) for h in hidden]
+            num = sum(float(torch.linalg.norm(a - b)) for a, b in zip(hidden, float_out))
+            den = sum(float(torch.linalg.norm(b)) for b in float_out)
+            out_errors.append(num / max(den, 1e-30))
+        if progress:
+            progress("gptq", n_layers, n_layers)
+    report = GPTQReport(out=src, grid=grid.name, layers=len(inner.layers), linears=len(results), chunks=len(chunks),
+                        tokens=len(chunks) * opts.seq_len, seconds=time.perf_counter() - t0,
+                        mean_rel_error=float(np.mean(rel_errors)), output_error=float(np.mean(out_errors)))
+    return results, report, ckpt, model
+
+
+def gptq_config(opts: GPTQOptions) -> GPTQConfig:
+    grid = choose_grid(opts.bits, opts.group_size, opts.sym)
+    # desc_act stays false even with act-order: static groups leave g_idx trivial, and loaders read
+    # desc_act as "g_idx permutes the groups" (onnxruntime-genai then adds a g_idx input per MatMulNBits).
+    return GPTQConfig(bits=opts.bits, group_size=opts.group_size, sym=opts.sym, desc_act=False,
+                      static_groups=opts.act_order, damp_percent=opts.damp, true_sequential=opts.true_sequential,
+                      grid=grid.gguf_type, act_order=opts.act_order)
+
+
+def write_gptq_checkpoint(ckpt, linears: dict[str, GPTQLinear], config: GPTQConfig, out: Path) -> None:
+    """A GPTQ checkpoint directory (atomically): packed linears, every other tensor in its source dtype."""
+    import torch
+    from safetensors.torch import save_file
+
+    src = ckpt.spec.source
+    raw = ckpt.tensors
+    tensors: dict[str, torch.Tensor] = {}
+    for name in raw.names():
+        base = name[: -len(".weight")] if name.endswith(".weight") else None
+        if base in linears:
+            for suffix, arr in pack_linear(linears[base]).items():
+                tensors[f"{base}.{suffix}"] = torch.from_numpy(np.ascontiguousarray(arr))
+            continue
+        arr = raw.load_raw(name)
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        if raw.dtype(name) == "BF16":
+            t = t.view(torch.bfloat16)
+        tensors[name] = t
+    cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    cfg["quantization_config"] = config.to_json()
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "quantized_by": "kiln"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        (tmp / "quantize_config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n", encoding="utf-8")
+        for name in COPIED_FILES:
+            if (src / name).exists():
+                shutil.copy2(src / name, tmp / name)
+
+
+def quantize_gptq(src: str | Path, out: str | Path, text: str, opts: GPTQOptions, threads: int | None = None,
+                  progress: Progress | None = None) -> GPTQReport:
+    """`kiln quantize gptq`: calibrate, quantize and write the checkpoint; nothing is left at `out` on failure."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise KilnError(f"{out}: exists and is not a directory")
+    linears, report, ckpt, _ = quantize_model(src, text, opts, threads=threads, progress=progress)
+    write_gptq_checkpoint(ckpt, linears, gptq_config(opts), out)
+    report.out = out
+    return report

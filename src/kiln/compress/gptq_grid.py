@@ -1,0 +1,103 @@
+"""The quantization grids GPTQ rounds onto: GGUF's block grids and auto-gptq's own.
+
+A grid turns one group of weights (rows × group columns) into per-row (scale, zero) with
+codes q in 0..2^bits−1 and value scale·(q − zero). Scales are rounded to float16 *before*
+any code is chosen, because float16 is what both formats store: the weights GPTQ's error
+compensation sees are then exactly the weights the artifact holds.
+
+GGUF grids (group size 32, the GGUF block), chosen so a GPTQ checkpoint and a GGUF block
+store the same numbers:
+
+* q4_0: ggml's Q4_0 rule: d = (the signed value of largest magnitude) / −8, zero 8, so that
+  value is exact and the grid is {−8..7}·d; a GGUF Q4_0 block is exactly (d, q).
+* q4_1: min/max grid with zero in range (as auto-gptq), and d rounded to 7 significant bits
+  so that the block minimum m = −zero·d is itself exact in float16: GGUF's Q4_1 stores m, GPTQ
+  stores the integer zero, and both then describe identical values.
+* q8_0: ggml's Q8_0 rule d = amax/127, codes q−128 in −128..127; a Q8_0 block is (d, q−128).
+
+Other group sizes use auto-gptq's rules ("sym": scale 2·amax/(2^bits−1), zero 2^(bits−1);
+"asym": min/max with an integer zero point).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GGUF_GROUP = 32
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str  # q4_0 | q4_1 | q8_0 | sym | asym
+    bits: int
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def gguf_type(self) -> str | None:
+        return self.name if self.name.startswith("q") else None
+
+
+def choose_grid(bits: int, group_size: int, sym: bool) -> Grid:
+    """The GGUF block grid when the group is GGUF's block (32) and one exists, else auto-gptq's."""
+    if group_size == GGUF_GROUP:
+        if bits == 4:
+            return Grid("q4_0" if sym else "q4_1", 4)
+        if bits == 8 and sym:
+            return Grid("q8_0", 8)
+    return Grid("sym" if sym else "asym", bits)
+
+
+def _f16(x):
+    import torch
+
+    return x.to(torch.float16).to(torch.float32)
+
+
+def _round_significant(x, bits: int):
+    """Round to `bits` significant binary digits (then exact in float16 times a small integer)."""
+    import torch
+
+    mant, exp = torch.frexp(x)
+    scale = float(1 << bits)
+    return torch.ldexp(torch.round(mant * scale) / scale, exp)
+
+
+def grid_params(w, grid: Grid):
+    """Per-row (scale float32 [rows], zero float32 [rows]) for the group `w` [rows, cols]."""
+    import torch
+
+    if grid.name == "q4_0":
+        idx = w.abs().argmax(dim=1, keepdim=True)
+        signed_max = torch.gather(w, 1, idx).squeeze(1)
+        scale = _f16(signed_max / -8.0)
+        zero = torch.full_like(scale, 8.0)
+    elif grid.name == "q8_0":
+        scale = _f16(w.abs().amax(dim=1) / 127.0)
+        zero = torch.full_like(scale, 128.0)
+    elif grid.name == "sym":
+        scale = _f16(2.0 * w.abs().amax(dim=1) / grid.maxq)
+        zero = torch.full_like(scale, float((grid.maxq + 1) // 2))
+    else:  # q4_1, asym
+        lo = torch.clamp(w.amin(dim=1), max=0.0)
+        hi = torch.clamp(w.amax(dim=1), min=0.0)
+        scale = (hi - lo) / grid.maxq
+        scale = _f16(_round_significant(scale, 7) if grid.name == "q4_1" else scale)
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zero = torch.clamp(torch.round(-lo / safe), 0, grid.maxq)
+    # float16 underflow: an all-zero (or tiny) group gets scale 0 and codes at the zero point
+    return scale, zero
+
+
+def quantize_values(w, scale, zero, grid: Grid):
+    """(codes, dequantized values) of `w` [rows] or [rows, cols] on the per-row grid."""
+    import torch
+
+    if w.ndim == 2:
+        scale, zero = scale[:, None], zero[:, None]
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.clamp(torch.round(w / safe) + zero, 0, grid.maxq)
+    q = torch.where(scale == 0, zero.expand_as(q), q)
+    return q, scale * (q - zero)
