@@ -47,6 +47,7 @@ test: fixtures go-toolchain
 bench: fixtures
 	$(PY) bench/convert.py
 	$(PY) bench/onnx_decode.py
+	$(PY) bench/quality.py
 
 clean:
 	rm -rf out bench/results .pytest_cache

@@ -122,8 +122,9 @@ def export() -> None:
 @export.command("gguf")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output .gguf path.")
-@click.option("--quant", default="f16", show_default=True,
-              help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_m, q4_k_s, q4_k_m, q5_k_m, q6_k, iq4_xs, ...")
+@click.option("--quant", default=None,
+              help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_m, q4_k_s, q4_k_m, q5_k_m, q6_k, iq4_xs, "
+                   "... [default: f16; for a GPTQ checkpoint its own block type q4_0/q4_1/q8_0, bit-exact]")
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix for llama.cpp's quantizer.")
 @_rope_options
 @click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile next to the GGUF.")
@@ -233,6 +234,62 @@ def export_onnx_cmd(src: Path, out: Path, precision: str, block_size: int, symme
         click.echo(f"warning: {w}", err=True)
 
 
+@cli.group()
+def quantize() -> None:
+    """Calibrated quantization into a checkpoint that other tools load too."""
+
+
+@quantize.command("gptq")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output checkpoint directory.")
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
+              help="32 = GGUF's block: the result exports to GGUF q4_0/q4_1/q8_0 bit for bit.")
+@click.option("--sym/--asym", default=True, show_default=True,
+              help="Symmetric (GGUF q4_0/q8_0) or with zero points (q4_1).")
+@click.option("--act-order", is_flag=True, help="Quantize columns by decreasing Hessian diagonal (static groups).")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration text (default: the one kiln ships).")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration chunk.")
+@click.option("--samples", type=int, default=128, show_default=True, help="At most this many chunks.")
+@click.option("--damp", type=float, default=0.01, show_default=True, help="Hessian dampening (fraction of mean diag).")
+@click.option("--threads", type=int, default=0)
+@click.option("--json", "as_json", is_flag=True)
+def quantize_gptq_cmd(src: Path, out: Path, bits: str, group_size: str, sym: bool, act_order: bool,
+                      calib: Path | None, seq_len: int, samples: int, damp: float, threads: int, as_json: bool) -> None:
+    """GPTQ (Frantar et al. 2022) on the CPU, written in the auto-gptq/GPTQModel checkpoint format.
+
+    With --group-size 32 the weights are rounded onto GGUF's own block grid, so
+    `kiln export gguf` writes them into q4_0 / q4_1 / q8_0 blocks unchanged, and
+    `kiln export onnx` takes them through onnxruntime-genai's GPTQ loader.
+
+    \b
+    Examples:
+      kiln quantize gptq ./SmolLM2-135M-Instruct -o smol-gptq --bits 4 --group-size 32 --act-order
+      kiln export gguf smol-gptq -o smol.gptq.q4_0.gguf          # bit-exact q4_0 blocks
+      kiln export onnx smol-gptq -o smol-gptq-int4 --precision int4
+    """
+    from kiln.compress.gptq import GPTQOptions, quantize_gptq
+    from kiln.compress.imatrix import calibration_text
+
+    if calib is not None:
+        try:
+            text = calib.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KilnError(f"{calib}: cannot read calibration text ({exc})") from None
+    else:
+        text = calibration_text()
+    opts = GPTQOptions(bits=int(bits), group_size=int(group_size), sym=sym, act_order=act_order, damp=damp,
+                       seq_len=seq_len, samples=samples)
+    with _progress(not as_json) as update:
+        report = quantize_gptq(src, out, text, opts, threads=threads or None, progress=update)
+    if as_json:
+        _emit_json(report.to_json())
+    else:
+        click.echo(f"{out}: GPTQ {bits}-bit, group {group_size}, grid {report.grid}, {report.linears} linears in "
+                   f"{report.layers} layers, {report.chunks} chunks x {seq_len} tokens, {report.seconds:.0f} s; "
+                   f"mean weight error {report.mean_rel_error:.4f}, layer output error {report.output_error:.4f}")
+
+
 @cli.command()
 @click.argument("gguf", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Output path (default: NAME.Modelfile beside the GGUF).")
@@ -321,44 +378,191 @@ def eval_cmd(reference: Path, candidates: tuple[Path, ...], text_file: Path | No
         click.echo(markdown(rows, ctx))
 
 
+@cli.command("imatrix")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--calib", type=click.Path(path_type=Path),
+              help="Calibration text (default: the English text kiln ships for this, not the eval text).")
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output imatrix path (.dat).")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Chunk length in tokens.")
+@click.option("--chunks", type=int, help="Use at most N chunks (default: all the text holds).")
+@click.option("--process-output", is_flag=True, help="Also collect the LM head (output.weight), as llama-imatrix.")
+@click.option("--threads", type=int, default=0, help="Torch threads (0: torch's default).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def imatrix_cmd(src: Path, calib: Path | None, out: Path, ctx: int, chunks: int | None, process_output: bool,
+                threads: int, as_json: bool) -> None:
+    """Compute an importance matrix for llama.cpp's quantizer from the checkpoint SRC.
+
+    As llama-imatrix computes it (chunks of --ctx tokens, each from an empty cache, BOS first),
+    but on the transformers model in float32; written in llama.cpp's legacy .dat format, which
+    `kiln export gguf --imatrix` and llama-quantize --imatrix both read.
+
+    \b
+    Examples:
+      kiln imatrix ./SmolLM2-135M-Instruct -o smol.imatrix.dat
+      kiln export gguf ./SmolLM2-135M-Instruct -o smol.q4_k_m.gguf --quant q4_k_m --imatrix smol.imatrix.dat
+      kiln imatrix ./model --calib my-domain.txt -o m.imatrix.dat --ctx 256 --chunks 100
+    """
+    from kiln.compress.imatrix import calibration_text, write_imatrix
+
+    if calib is not None:
+        try:
+            text = calib.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or exc
+            raise KilnError(f"{calib}: cannot read calibration text ({why})") from None
+        dataset = calib.name
+    else:
+        text, dataset = calibration_text(), "kiln/data/calibration.txt"
+    with _progress(not as_json) as update:
+        result, manifest = write_imatrix(src, out, text, dataset, ctx=ctx, chunks=chunks, threads=threads or None,
+                                         process_output=process_output, progress=update)
+    if as_json:
+        _emit_json({"imatrix": str(out), "manifest": str(manifest), "dataset": dataset, **result.to_json()})
+        return
+    click.echo(f"wrote {out} ({len(result.values)} tensors, {result.chunks} chunks x {result.ctx} tokens of "
+               f"{dataset}, {result.seconds:.1f}s)")
+    click.echo(f"next: kiln export gguf {src} -o model.q4_k_m.gguf --quant q4_k_m --imatrix {out}")
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+
+
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="Prompt text (a user message with --chat).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt with the artifact's chat template.")
 @click.option("--system", help="System message (with --chat).")
 @click.option("--max-tokens", type=int, default=128, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--seed", type=int, default=None)
+@click.option("--temperature", type=float, default=None,
+              help="0 = greedy (plain generation, the default there); with SMC the target is the model at this "
+                   "temperature [SMC default: 1].")
+@click.option("--seed", type=int, default=None, help="Seed (a seeded SMC run is cached and repeatable).")
+@click.option("--particles", "-n", type=int, default=None, help="SMC particles (turns on SMC steering).")
+@click.option("--regex", help="Constrain the output to match this regular expression (SMC).")
+@click.option("--json-schema", "json_schema", help="Constrain the output to JSON valid for this schema file (SMC).")
+@click.option("--grammar", help="Constrain the output to this Lark grammar file (SMC).")
+@click.option("--potential", "potentials", multiple=True, metavar="NAME:ARGS",
+              help="More potentials: stop:STR, sentence, length:max=N, style:formal, lexicon:FILE, "
+                   "critic:ARTIFACT, python:MODULE:FN, regex:/json:/lark: ... (repeatable).")
+@click.option("--ess-threshold", type=float, default=0.5, show_default=True,
+              help="Resample when ESS < threshold x N (0: importance sampling, 1: every step).")
+@click.option("--resampling", type=click.Choice(["systematic", "stratified", "multinomial", "residual"]),
+              default="systematic", show_default=True)
+@click.option("--timeout", type=float, default=None, help="Seconds; returns the weighted set reached by then.")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the generation cache.")
 @click.option("--threads", type=int, default=0)
-@click.option("--ctx", type=int, default=4096, show_default=True, help="Context to allocate.")
+@click.option("--ctx", type=int, default=None, help="Context to allocate (default: what the run needs, or 4096).")
 @click.option("--json", "as_json", is_flag=True)
-def generate(artifact: Path, prompt: str, chat: bool, system: str | None, max_tokens: int, temperature: float,
-             seed: int | None, threads: int, ctx: int, as_json: bool) -> None:
+def generate(artifact: Path, prompt: str, chat: bool, system: str | None, max_tokens: int,
+             temperature: float | None, seed: int | None, particles: int | None, regex: str | None,
+             json_schema: str | None, grammar: str | None, potentials: tuple[str, ...], ess_threshold: float,
+             resampling: str, timeout: float | None, no_cache: bool, threads: int, ctx: int | None,
+             as_json: bool) -> None:
     """Generate text from an exported artifact (a .gguf file or an ONNX model directory).
+
+    With --particles (or any constraint) it runs Sequential Monte Carlo steering: N particles
+    decoded together, constraints as masks whose lost mass enters the weights, soft potentials
+    as twists, resampling when the effective sample size drops. It prints one draw from the
+    weighted posterior and the posterior over distinct outputs (--json: everything, incl. log Z).
 
     \b
     Examples:
       kiln generate smol.q4_k_m.gguf --chat --prompt "What is the capital of France?"
       kiln generate smol.q8_0.gguf --prompt "Once upon a time" --temperature 0.8 --seed 1
       kiln generate smol-int4/ --chat --prompt "What is the capital of France?"   # an ONNX directory
+      kiln generate smol.q4_k_m.gguf --chat --prompt "Name a colour." -n 16 --regex " ?[A-Z][a-z]+\\." --seed 0
+      kiln generate smol.q4_k_m.gguf --prompt "Person:" -n 8 --json-schema person.json --max-tokens 60
+      kiln generate smol.q4_k_m.gguf --prompt "Dear Sir," -n 16 --potential style:formal --potential sentence
     """
     from kiln.runtime import load
     from kiln.runtime.generate import chat_prompt, generate as run
 
-    with load(artifact, n_ctx=ctx, threads=threads or None) as engine:
-        if chat:
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}]
-            ids = chat_prompt(engine, messages)
+    steered = particles is not None or regex is not None or json_schema is not None or grammar is not None \
+        or bool(potentials)
+    if not steered:
+        with load(artifact, n_ctx=ctx or 4096, threads=threads or None) as engine:
+            ids = _prompt_ids(engine, prompt, chat, system, chat_prompt)
+            stream = None if as_json else (lambda t: click.echo(engine.detokenize([t]), nl=False))
+            result = run(engine, ids, max_tokens=max_tokens, temperature=temperature or 0.0, seed=seed,
+                         on_token=stream)
+        if as_json:
+            _emit_json({"text": result.text, "tokens": result.tokens, "prompt_tokens": result.prompt_tokens,
+                        "stopped": result.stopped})
         else:
-            ids = engine.tokenize(prompt)
-        stream = None if as_json else (lambda t: click.echo(engine.detokenize([t]), nl=False))
-        result = run(engine, ids, max_tokens=max_tokens, temperature=temperature, seed=seed, on_token=stream)
+            click.echo()
+        return
+    _steered_generate(artifact, prompt, chat, system, max_tokens, temperature, seed,
+                      16 if particles is None else particles,
+                      regex, json_schema, grammar, list(potentials), ess_threshold, resampling, timeout,
+                      not no_cache, threads, ctx, as_json)
+
+
+def _prompt_ids(engine, prompt: str, chat: bool, system: str | None, chat_prompt) -> list[int]:
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return chat_prompt(engine, messages)
+    return engine.tokenize(prompt)
+
+
+def _steered_generate(artifact: Path, prompt: str, chat: bool, system: str | None, max_tokens: int,
+                      temperature: float | None, seed: int | None, particles: int, regex: str | None,
+                      json_schema: str | None, grammar: str | None, potentials: list[str], ess_threshold: float,
+                      resampling: str, timeout: float | None, use_cache: bool, threads: int, ctx: int | None,
+                      as_json: bool) -> None:
+    from kiln.runtime import load
+    from kiln.runtime.cache import artifact_hash
+    from kiln.runtime.generate import chat_prompt
+    from kiln.runtime.steering import Constraints, SteerOptions, engine_sizes, steer
+
+    options = SteerOptions(particles=particles, max_tokens=max_tokens, ess_threshold=ess_threshold,
+                           resampling=resampling, temperature=1.0 if temperature is None else temperature,
+                           seed=seed, timeout=timeout)
+    options.validate()
+    constraints = Constraints(regex=regex, json_schema=json_schema, grammar=grammar, specs=potentials)
+    if not artifact.exists():
+        raise KilnError(f"{artifact}: no such file or directory")
+    sizes = engine_sizes(len((system or "").encode()) + len(prompt.encode()) + (64 if chat else 0), options, artifact)
+    if ctx:
+        sizes["n_ctx"] = ctx
+    with load(artifact, threads=threads or None, **sizes) as engine:
+        ids = _prompt_ids(engine, prompt, chat, system, chat_prompt)
+        with _smc_display(not as_json, particles) as on_step:
+            out, hit = steer(engine, ids, options, constraints, on_step=on_step,
+                             cache_key_artifact=artifact_hash(artifact) if use_cache else None, use_cache=use_cache)
+    out["cached"] = hit
+    out["prompt_tokens"] = len(ids)
     if as_json:
-        _emit_json({"text": result.text, "tokens": result.tokens, "prompt_tokens": result.prompt_tokens,
-                    "stopped": result.stopped})
-    else:
-        click.echo()
+        _emit_json(out)
+        return
+    if out["sample"] is None:
+        raise KilnError("no particle finished: every particle was ruled out by the constraints"
+                        + (" or the timeout came first" if out["timed_out"] else ""))
+    click.echo(out["sample"])
+    err = click.get_text_stream("stderr")
+    log_ml = "—" if out["log_ml"] is None else f"{out['log_ml']:.3f}"
+    click.echo(f"\n{particles} particles · {out['steps']} steps · {len(out['resample_steps'])} resamples · "
+               f"log Z {log_ml} · {out['distinct']} distinct · {out['wall_time']:.2f} s"
+               + (" · cached" if hit else "") + (" · timed out" if out["timed_out"] else ""), file=err)
+    for row in out["posterior"][:5]:
+        click.echo(f"  {row['probability']:6.3f}  {row['text']!r}", file=err)
+
+
+@contextmanager
+def _smc_display(enabled: bool, particles: int):
+    """A live status line (particles alive, ESS, resamples) on an interactive stderr."""
+    console = _stderr_console() if enabled else None
+    if console is None or not console.is_interactive:
+        yield None
+        return
+    from rich.live import Live
+    from rich.text import Text
+
+    resamples = [0]
+    with Live(Text(""), console=console, transient=True, refresh_per_second=8) as live:
+        def update(info) -> None:
+            resamples[0] += int(info.resampled)
+            live.update(Text(f"SMC step {info.step} · live {info.live}/{particles} · ESS {info.ess:.1f} · "
+                             f"resamples {resamples[0]} · {info.elapsed:.1f} s"))
+        yield update
 
 
 def main() -> None:
