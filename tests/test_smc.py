@@ -613,7 +613,7 @@ def test_real_model_engines_agree(runs) -> None:
 def test_real_model_reference_engine(smollm2_dir: Path, runs) -> None:
     """The float32 transformers engine: the same contract, and the exact target the artifacts approximate."""
     torch = pytest.importorskip("torch")
-    from kiln.runtime.transformers_engine import TransformersEngine
+    from kiln.verify.transformers_engine import TransformersEngine
 
     threads = torch.get_num_threads()
     try:  # one thread, for the reason given in `engines` (torch's pool spins too); restored for other tests

@@ -6,8 +6,8 @@ the GGUF and ONNX engines are compared with in tests. It is not built for speed:
 keeps its own key/value tensors, and `step` batches the sequences that hold equally many tokens
 (one forward pass per distinct length).
 
-torch and transformers are imported when an engine is created, never at import time, so
-`kiln.runtime` still embeds without torch.
+It lives in `kiln.verify` (beside the reference it wraps), not in `kiln.runtime`, which never
+imports checkpoint code or torch (DESIGN.md §1); torch and transformers load when one is created.
 """
 
 from __future__ import annotations
