@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -296,7 +297,7 @@ def _draw(E_row: np.ndarray, blocks_row: np.ndarray, k: int, rng: np.random.Gene
 
 def _run(engine: Engine, prompt_ids: Sequence[int], n: int, proposal, critics, ess_threshold: float,
          max_tokens: int, resampling: str, temperature: float, seed: int | None, timeout: float | None,
-         on_step: Callable[[StepInfo], Any] | None, weighted: bool) -> SMCResult:
+         on_step: Callable[[StepInfo], Any] | None, weighted: bool, overlap: bool = True) -> SMCResult:
     t0 = time.perf_counter()
     prompt = [int(t) for t in prompt_ids]
     props = _as_list(proposal, "proposal")
@@ -337,6 +338,8 @@ def _run(engine: Engine, prompt_ids: Sequence[int], n: int, proposal, critics, e
         return b"".join(parts).decode("utf-8", errors="replace")
 
     result = SMCResult([], -math.inf, n)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="kiln-potentials") if props and overlap else None
+    pending = None
     engine.reset()
     try:
         logits = engine.prefill(prompt, seq=0)[None, :]
@@ -364,13 +367,8 @@ def _run(engine: Engine, prompt_ids: Sequence[int], n: int, proposal, critics, e
             m = len(nodes)
             row_of = np.fromiter((pnode[i].row for i in live), np.intp, live.size)
             forced = np.fromiter((len(nd.tokens) >= max_tokens for nd in nodes), bool, m)
-            W = None
-            for k, p in enumerate(props):
-                rows = p.batch_logw_next([nd.pstates[k] for nd in nodes])
-                if rows is None:
-                    raise KilnError(f"{type(p).__name__} has no logw_next, so it cannot be part of the proposal: "
-                                    "pass it as a critic")
-                W = np.asarray(rows, np.float32) if W is None else W + rows
+            W = pending.result() if pending is not None else _proposal_weights(props, nodes)
+            pending = None
             z = logits if temperature == 1.0 else logits / np.float32(temperature)
             E, blocks, L, u_eos = _proposal_rows(z, W, eog)
             # Draw every live particle's token from its prefix's proposal (index V = EOS).
@@ -457,6 +455,9 @@ def _run(engine: Engine, prompt_ids: Sequence[int], n: int, proposal, critics, e
                 parent = nodes[kid.row]
                 kid.pstates = tuple(p.advance(s, kid.token) for p, s in zip(props, parent.pstates))
             nodes = _assign_sequences(engine, nodes, kids)
+            if pool is not None and kids:
+                # next step's masks need only these prefixes: compute them while the engine decodes
+                pending = pool.submit(_proposal_weights, props, kids)
             if kids:
                 logits = engine.step([nd.token for nd in kids], [nd.seq for nd in kids])
                 result.engine_rows += len(kids)
@@ -476,9 +477,23 @@ def _run(engine: Engine, prompt_ids: Sequence[int], n: int, proposal, critics, e
         else:
             result.log_ml = -math.inf
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         engine.reset()
     result.wall_time = time.perf_counter() - t0
     return result
+
+
+def _proposal_weights(props: list[Potential], nodes: list[_Node]) -> np.ndarray | None:
+    """Σ_k logw_next of the proposal potentials for every prefix ([len(nodes), V+1]), or None."""
+    W = None
+    for k, p in enumerate(props):
+        rows = p.batch_logw_next([nd.pstates[k] for nd in nodes])
+        if rows is None:
+            raise KilnError(f"{type(p).__name__} has no logw_next, so it cannot be part of the proposal: "
+                            "pass it as a critic")
+        W = np.asarray(rows, np.float32) if W is None else W + rows
+    return W
 
 
 def _assign_sequences(engine: Engine, parents: list[_Node], kids: list[_Node]) -> list[_Node]:
@@ -523,7 +538,7 @@ def smc(engine: Engine, prompt_ids: Sequence[int], n_particles: int = 16, *,
         critics: Potential | Sequence[Potential] | None = None,
         ess_threshold: float = 0.5, max_tokens: int = 64, resampling: str = "systematic",
         temperature: float = 1.0, seed: int | None = None, timeout: float | None = None,
-        on_step: Callable[[StepInfo], Any] | None = None) -> SMCResult:
+        on_step: Callable[[StepInfo], Any] | None = None, overlap_potentials: bool = True) -> SMCResult:
     """Sequential Monte Carlo steering of `engine` from `prompt_ids` (module docstring: the target).
 
     * `proposal`: potentials multiplied into the next-token distribution (masks, token boosts); they
@@ -538,13 +553,16 @@ def smc(engine: Engine, prompt_ids: Sequence[int], n_particles: int = 16, *,
       `timed_out=True`; unfinished particles are returned with finished=False and left out of the
       posterior, and log_ml then estimates the normalizer of the partial (twisted) target only.
     * `on_step`: called with a `StepInfo` after every step.
+    * `overlap_potentials`: compute the proposal potentials' masks for step t+1 on a worker
+      thread while the engine decodes step t (both engines release the GIL in their forward
+      pass); the result is identical either way.
 
     The engine is reset first and after (smc owns all its sequences while it runs) and needs
     n_seq_max >= n_particles and n_ctx >= len(prompt) + max_tokens (llama.cpp's single KV pool:
     len(prompt) + n_particles · max_tokens).
     """
     return _run(engine, prompt_ids, int(n_particles), proposal, critics, float(ess_threshold), int(max_tokens),
-                resampling, float(temperature), seed, timeout, on_step, weighted=True)
+                resampling, float(temperature), seed, timeout, on_step, weighted=True, overlap=overlap_potentials)
 
 
 def locally_constrained(engine: Engine, prompt_ids: Sequence[int],
