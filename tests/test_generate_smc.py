@@ -70,3 +70,16 @@ def test_bad_input_is_one_line(gguf: Path, extra: list[str], message: str) -> No
     assert r.returncode == 1, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kiln: error:") and message in lines[0], r.stderr
+
+
+def test_readme_python_example_runs(gguf: Path) -> None:
+    """The README's embedding example, as written, against a real GGUF."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## SMC steering", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace('"out/smol.q4_k_m.gguf"', repr(str(gguf))).replace("n_ctx=1024", "n_ctx=1024, threads=1")
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own documentation
+    post = scope["result"].posterior
+    assert post and abs(sum(post.values()) - 1) < 1e-9
+    assert set(post) <= {" Paris.", " Rome.", " Berlin.", " London."}
