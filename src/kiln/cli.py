@@ -45,6 +45,17 @@ def _progress(enabled: bool):
         yield update
 
 
+def _read_text(path: Path | None, what: str, default):
+    """The text of a --text/--calib file, or `default()` when none was given (one-line error if unreadable)."""
+    if path is None:
+        return default()
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise KilnError(f"{path}: cannot read {what} ({why})") from None
+
+
 def _stderr_console():
     from rich.console import Console
 
@@ -271,13 +282,7 @@ def quantize_gptq_cmd(src: Path, out: Path, bits: str, group_size: str, sym: boo
     from kiln.compress.gptq import GPTQOptions, quantize_gptq
     from kiln.compress.imatrix import calibration_text
 
-    if calib is not None:
-        try:
-            text = calib.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise KilnError(f"{calib}: cannot read calibration text ({exc})") from None
-    else:
-        text = calibration_text()
+    text = _read_text(calib, "calibration text", calibration_text)
     opts = GPTQOptions(bits=int(bits), group_size=int(group_size), sym=sym, act_order=act_order, damp=damp,
                        seq_len=seq_len, samples=samples)
     with _progress(not as_json) as update:
@@ -363,13 +368,7 @@ def eval_cmd(reference: Path, candidates: tuple[Path, ...], text_file: Path | No
     """
     from kiln.evaluate import evaluate, heldout_text, markdown
 
-    if text_file is not None:
-        try:
-            text = text_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise KilnError(f"{text_file}: cannot read text ({exc})") from None
-    else:
-        text = heldout_text()
+    text = _read_text(text_file, "text", heldout_text)
     with _progress(not as_json) as update:
         rows = evaluate(reference, candidates, text, ctx=ctx, threads=threads or None, progress=update)
     if as_json:
@@ -404,15 +403,8 @@ def imatrix_cmd(src: Path, calib: Path | None, out: Path, ctx: int, chunks: int 
     """
     from kiln.compress.imatrix import calibration_text, write_imatrix
 
-    if calib is not None:
-        try:
-            text = calib.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            why = getattr(exc, "strerror", None) or exc
-            raise KilnError(f"{calib}: cannot read calibration text ({why})") from None
-        dataset = calib.name
-    else:
-        text, dataset = calibration_text(), "kiln/data/calibration.txt"
+    text = _read_text(calib, "calibration text", calibration_text)
+    dataset = calib.name if calib is not None else "kiln/data/calibration.txt"
     with _progress(not as_json) as update:
         result, manifest = write_imatrix(src, out, text, dataset, ctx=ctx, chunks=chunks, threads=threads or None,
                                          process_output=process_output, progress=update)

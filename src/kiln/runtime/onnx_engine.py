@@ -150,27 +150,14 @@ class OnnxEngine(Engine):
         self._pieces = self._byte_table()
 
     def _byte_table(self) -> list[bytes]:
-        from kiln.bytelevel import char_to_byte
+        from kiln.runtime.hf_tokens import byte_table
 
-        decode = char_to_byte()
-        special = {t.content for t in self._tok.get_added_tokens_decoder().values()}
-        table: list[bytes] = []
-        for i in range(self.vocab_size):
-            piece = self._tok.id_to_token(i)
-            if piece is None:
-                table.append(b"")
-            elif piece in special or any(c not in decode for c in piece):
-                table.append(piece.encode("utf-8") if piece in special else self._tok.decode([i]).encode("utf-8"))
-            else:
-                table.append(bytes(decode[c] for c in piece))
-        return table
+        return byte_table(self._tok, self.vocab_size)
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        self._tok.encode_special_tokens = not parse_special
-        try:
-            return list(self._tok.encode(text, add_special_tokens=add_special).ids)
-        finally:
-            self._tok.encode_special_tokens = False
+        from kiln.runtime.hf_tokens import encode
+
+        return encode(self._tok, text, add_special, parse_special)
 
     def token_bytes(self, token: int) -> bytes:
         return self._pieces[token] if 0 <= token < len(self._pieces) else b""
