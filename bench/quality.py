@@ -52,7 +52,7 @@ def timed(label: str, timings: dict, fn, *args, **kwargs):
     return out
 
 
-def build_artifacts(smol: Path, work: Path, threads: int, fresh: bool, act_order: bool) -> tuple[list[dict], dict]:
+def build_artifacts(smol: Path, work: Path, threads: int | None, fresh: bool, act_order: bool) -> tuple[list[dict], dict]:
     """(rows to evaluate: label, path, method, bits_per_weight), build timings."""
     if fresh and work.exists():
         shutil.rmtree(work)
@@ -85,9 +85,9 @@ def build_artifacts(smol: Path, work: Path, threads: int, fresh: bool, act_order
         manifest = (out / "manifest.json") if kind == "onnx" else out.with_name(out.name + ".manifest.json")
         if not out.exists() or not manifest.exists():
             if kind == "gguf":
-                timed(f"export {label}", timings, export_gguf_artifact, src, out, quant, threads=threads, **extra)
+                timed(f"export {label}", timings, export_gguf_artifact, src, out, quant, threads=threads or 0, **extra)
             else:
-                timed(f"export {label}", timings, export_onnx_artifact, src, out, quant, threads=threads)
+                timed(f"export {label}", timings, export_onnx_artifact, src, out, quant, threads=threads or 0)
         record = json.loads(manifest.read_text())
         rows.append({"label": label, "path": out, "kind": kind, "method": method,
                      "bits_per_weight": record.get("bits_per_weight"),
@@ -130,7 +130,7 @@ def main() -> None:
     args = ap.parse_args()
     smol = build("smollm2-135m", progress=False)
     threads = args.threads or None
-    rows, timings = build_artifacts(smol, args.work, args.threads, args.fresh, not args.no_act_order)
+    rows, timings = build_artifacts(smol, args.work, threads, args.fresh, not args.no_act_order)
     text = heldout_text()
     t0 = time.perf_counter()
     evals = evaluate(smol, [r["path"] for r in rows], text, ctx=args.ctx, threads=threads,
