@@ -48,6 +48,7 @@ bench: fixtures
 	$(PY) bench/convert.py
 	$(PY) bench/onnx_decode.py
 	$(PY) bench/quality.py
+	$(PY) bench/smc.py
 
 clean:
 	rm -rf out bench/results .pytest_cache
