@@ -37,3 +37,21 @@ def encode(tok: Any, text: str, add_special: bool, parse_special: bool) -> list[
         return list(tok.encode(text, add_special_tokens=add_special).ids)
     finally:
         tok.encode_special_tokens = False
+
+
+class TokenizersVocab:
+    """Engine mixin: `tokenize` / `token_bytes` for engines holding a `tokenizers.Tokenizer` in
+    `self._tok` (call `self._pieces = self._byte_table()` once the vocabulary size is known)."""
+
+    _tok: Any
+    _pieces: list[bytes]
+    vocab_size: int
+
+    def _byte_table(self) -> list[bytes]:
+        return byte_table(self._tok, self.vocab_size)
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return encode(self._tok, text, add_special, parse_special)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._pieces[token] if 0 <= token < len(self._pieces) else b""

@@ -26,6 +26,7 @@ import numpy as np
 from kiln.errors import KilnError
 from kiln.jsonfile import read_json_object
 from kiln.runtime.engine import Engine, default_threads
+from kiln.runtime.hf_tokens import TokenizersVocab
 
 # End-of-turn markers of the supported chat templates (ChatML, Llama 3, Zephyr/Phi, Qwen).
 EOG_TOKEN_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>", "</s>")
@@ -54,7 +55,7 @@ def _ids(value: Any) -> list[int]:
     return [int(v) for v in value if isinstance(v, int)]
 
 
-class OnnxEngine(Engine):
+class OnnxEngine(TokenizersVocab, Engine):
     """Next-token logits for a batch of sequences from a GroupQueryAttention ONNX graph."""
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_seq_max: int = 1,
@@ -148,19 +149,6 @@ class OnnxEngine(Engine):
                 eog.add(tid)
         self.eog_ids = frozenset(eog)
         self._pieces = self._byte_table()
-
-    def _byte_table(self) -> list[bytes]:
-        from kiln.runtime.hf_tokens import byte_table
-
-        return byte_table(self._tok, self.vocab_size)
-
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        from kiln.runtime.hf_tokens import encode
-
-        return encode(self._tok, text, add_special, parse_special)
-
-    def token_bytes(self, token: int) -> bytes:
-        return self._pieces[token] if 0 <= token < len(self._pieces) else b""
 
     # --- running the graph --------------------------------------------------------------------
     def _kv_binding(self, lo: int, hi: int, logits_first: bool = False):

@@ -21,6 +21,7 @@ import numpy as np
 from kiln.errors import KilnError
 from kiln.jsonfile import read_json_object
 from kiln.runtime.engine import Engine
+from kiln.runtime.hf_tokens import TokenizersVocab
 
 # End-of-turn markers of the supported chat templates (the same list as the ONNX engine's, so the
 # engines agree on what ends a generation).
@@ -41,7 +42,7 @@ def _json(path: Path) -> dict[str, Any]:
     return read_json_object(path) if path.is_file() else {}
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(TokenizersVocab, Engine):
     """Float32 transformers model; sequences are independent `DynamicCache`s."""
 
     def __init__(self, model_dir: str | Path, n_seq_max: int = 1, n_ctx: int | None = None,
@@ -98,19 +99,6 @@ class TransformersEngine(Engine):
                 eog.add(tid)
         self.eog_ids = frozenset(t for t in eog if 0 <= t < self.vocab_size)
         self._pieces = self._byte_table()
-
-    def _byte_table(self) -> list[bytes]:
-        from kiln.runtime.hf_tokens import byte_table
-
-        return byte_table(self._tok, self.vocab_size)
-
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        from kiln.runtime.hf_tokens import encode
-
-        return encode(self._tok, text, add_special, parse_special)
-
-    def token_bytes(self, token: int) -> bytes:
-        return self._pieces[token] if 0 <= token < len(self._pieces) else b""
 
     # --- sequences ----------------------------------------------------------------------------
     def _check_seq(self, seq: int) -> None:
