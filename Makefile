@@ -36,6 +36,8 @@ demo: fixtures
 	$(KILN) inspect $(DEMO)/smollm2-135m.q4_k_m.gguf
 	$(KILN) generate $(DEMO)/smollm2-135m.q4_k_m.gguf --chat --max-tokens 32 \
 	  --system "Answer the question in one short sentence." --prompt "What is the capital of France?"
+	$(KILN) generate $(DEMO)/smollm2-135m.q4_k_m.gguf --chat --prompt "Is the sky blue? Answer yes or no." \
+	  --particles 16 --regex "(Yes|No)\." --max-tokens 6 --seed 0
 	$(KILN) export onnx $(SMOL) -o $(DEMO)/smollm2-135m-int4-onnx --precision int4
 	$(KILN) generate $(DEMO)/smollm2-135m-int4-onnx --chat --max-tokens 32 \
 	  --system "Answer the question in one short sentence." --prompt "What is the capital of France?"
