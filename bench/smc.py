@@ -72,6 +72,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 import numpy as np  # noqa: E402
 
+from kiln.runtime.smc import pool_posteriors, total_variation  # noqa: E402
+
 FIXTURE = "smollm2-135m"
 QUANT = "q4_k_m"
 CAPITALS = ("Paris", "London", "Rome", "Berlin", "Madrid", "Vienna", "Prague", "Lisbon")
@@ -123,31 +125,20 @@ def tv(a: dict, b: dict) -> float:
     """Total variation distance; an empty posterior (every particle died) is at distance 1."""
     if not a or not b:
         return 1.0
-    return 0.5 * sum(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in set(a) | set(b))
+    return total_variation(a, b)
 
 
 def z_pooled(reps: list[dict]) -> dict | None:
     """Posteriors pooled with weights Ẑ (exp log_ml): unbiased for the target at any N, unlike the plain
     average, which keeps self-normalization's O(1/N) bias. None without finite log_ml (LCD)."""
-    lz = np.array([r.get("log_ml") if r.get("log_ml") is not None else np.nan for r in reps], np.float64)
-    ok = np.isfinite(lz)
-    if not ok.any():
+    lz = [r.get("log_ml") for r in reps]
+    if not any(v is not None and np.isfinite(v) for v in lz):
         return None
-    w = np.where(ok, np.exp(lz - lz[ok].max()), 0.0)
-    w /= w.sum()
-    out: dict = {}
-    for r, wi in zip(reps, w):
-        for k, v in r["posterior"].items():
-            out[k] = out.get(k, 0.0) + v * wi
-    return out
+    return pool_posteriors([r["posterior"] for r in reps], lz)
 
 
 def pooled(posteriors: list[dict]) -> dict:
-    out: dict = {}
-    for post in posteriors:
-        for k, v in post.items():
-            out[k] = out.get(k, 0.0) + v / len(posteriors)
-    return out
+    return pool_posteriors(posteriors)
 
 
 # --- artifact -----------------------------------------------------------------------------------

@@ -23,18 +23,8 @@ from kiln.errors import KilnError
 from kiln.runtime.engine import Engine
 from kiln.runtime.potentials.base import Potential, Vocab
 from kiln.runtime.smc import locally_constrained, resample, smc
-
-
-def tv(a: dict, b: dict) -> float:
-    return 0.5 * sum(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in set(a) | set(b))
-
-
-def pooled(posteriors: list[dict]) -> dict:
-    out: dict = {}
-    for post in posteriors:
-        for k, v in post.items():
-            out[k] = out.get(k, 0.0) + v / len(posteriors)
-    return out
+from kiln.runtime.smc import pool_posteriors as pooled
+from kiln.runtime.smc import total_variation as tv
 
 
 # --- resampling -------------------------------------------------------------------------------

@@ -580,5 +580,27 @@ def locally_constrained(engine: Engine, prompt_ids: Sequence[int],
                 float(temperature), seed, timeout, on_step, weighted=False)
 
 
+def total_variation(a: dict[str, float], b: dict[str, float]) -> float:
+    """TV distance between two laws over strings (missing keys have probability 0)."""
+    return 0.5 * sum(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in set(a) | set(b))
+
+
+def pool_posteriors(posteriors: Sequence[dict[str, float]], log_ml: Sequence[float] | None = None) -> dict[str, float]:
+    """Several runs' posteriors as one law: a plain average, or weighted by Ẑ = exp(log_ml) (runs
+    without a finite log_ml get weight 0), which stays unbiased for the target at any N."""
+    if log_ml is None:
+        w = np.full(len(posteriors), 1.0 / max(len(posteriors), 1))
+    else:
+        lz = np.array([np.nan if v is None else v for v in log_ml], np.float64)
+        ok = np.isfinite(lz)
+        w = np.where(ok, np.exp(lz - (lz[ok].max() if ok.any() else 0.0)), 0.0)
+        w = w / w.sum() if w.sum() > 0 else w
+    out: dict[str, float] = {}
+    for post, wi in zip(posteriors, w):
+        for k, v in post.items():
+            out[k] = out.get(k, 0.0) + float(v * wi)
+    return out
+
+
 __all__ = ["RESAMPLERS", "SMCParticle", "SMCResult", "StepInfo", "locally_constrained", "multinomial",
-           "resample", "residual", "smc", "stratified", "systematic"]
+           "pool_posteriors", "resample", "residual", "smc", "stratified", "systematic", "total_variation"]
