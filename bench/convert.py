@@ -33,7 +33,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from machine_info import machine  # bench/ is on sys.path when a benchmark runs as a script
+from kiln.bench.machine import machine
 
 REPO = Path(__file__).resolve().parent.parent
 LLAMA_CPP_PYTHON = "0.3.36"

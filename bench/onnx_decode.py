@@ -54,7 +54,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from machine_info import machine  # bench/ is on sys.path when a benchmark runs as a script
+from kiln.bench.machine import copy_bandwidth, machine
 
 import numpy as np
 
@@ -172,30 +172,6 @@ def kv_bytes(info: dict, depth: int) -> int:
 
 # --- machine ------------------------------------------------------------------------------------
 
-
-
-def copy_bandwidth(threads: int, mb_per_thread: int = 128, rounds: int = 5) -> float:
-    """Bytes/s of a numpy copy on `threads` threads at once (read + write counted), best of `rounds`."""
-    n = mb_per_thread * (1 << 20) // 8
-    srcs = [np.ones(n) for _ in range(threads)]
-    dsts = [np.empty(n) for _ in range(threads)]
-    best = float("inf")
-    for _ in range(rounds):
-        barrier = threading.Barrier(threads + 1)
-
-        def work(i: int) -> None:
-            barrier.wait()
-            np.copyto(dsts[i], srcs[i])  # releases the GIL
-
-        ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-        for t in ts:
-            t.start()
-        barrier.wait()
-        t0 = time.perf_counter()
-        for t in ts:
-            t.join()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * threads * n * 8 / best
 
 
 def versions() -> dict:

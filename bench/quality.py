@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine_info import machine  # bench/ is on sys.path when a benchmark runs as a script
+from kiln.bench.machine import machine
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))

@@ -65,7 +65,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from machine_info import machine  # bench/ is on sys.path when a benchmark runs as a script
+from kiln.bench.machine import machine
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))

@@ -557,6 +557,12 @@ def _smc_display(enabled: bool, particles: int):
         yield update
 
 
+from kiln.bench.commands import bench_cmd, plan_cmd  # noqa: E402  (commands defined in their own modules)
+
+cli.add_command(bench_cmd)
+cli.add_command(plan_cmd)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

@@ -12,6 +12,9 @@ import os
 import sys
 
 _tail: collections.deque[str] = collections.deque(maxlen=200)
+# The lines where llama.cpp states its buffer sizes (weights, KV cache, compute), kept apart from the
+# tail because a model load logs hundreds of lines first: `kiln bench` reports them as measured sizes.
+_sizes: collections.deque[str] = collections.deque(maxlen=64)
 _installed = False
 _callback = None
 
@@ -29,6 +32,8 @@ def install() -> None:
     def _cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         msg = text.decode("utf-8", errors="replace")
         _tail.append(msg)
+        if "buffer size" in msg or "kv_cache: size" in msg:
+            _sizes.append(msg)
         if verbose:
             print(msg, end="", file=sys.stderr, flush=True)
 
@@ -46,5 +51,25 @@ def last_error() -> str:
     return next((line.strip() for line in reversed(_tail) if line.strip()), "")
 
 
-def clear() -> None:
+def buffer_sizes() -> dict[str, float]:
+    """MiB llama.cpp reported since the last `clear()`: {"model", "repack", "kv", "compute", "output"}.
+
+    "model" is the mapped weights (file pages), "repack" the weights llama.cpp copied into its CPU layout."""
+    out: dict[str, float] = {}
+    for line in _sizes:
+        try:
+            mib = float(line.split("=", 1)[1].split("MiB", 1)[0])
+        except (IndexError, ValueError):
+            continue
+        key = ("kv" if "kv_cache: size" in line else "repack" if "REPACK" in line else "model" if "model buffer" in line
+               else "compute" if "compute buffer" in line else "output" if "output buffer" in line else None)
+        if key and not (key == "kv" and "KV buffer" in line):
+            out[key] = out.get(key, 0.0) + mib
+    return out
+
+
+def clear(sizes: bool = True) -> None:
+    """Forget what was logged; `sizes=False` keeps the buffer sizes (the model's, across context creation)."""
     _tail.clear()
+    if sizes:
+        _sizes.clear()

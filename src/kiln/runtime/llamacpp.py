@@ -66,7 +66,7 @@ class LlamaCppEngine(Engine):
             cparams.type_k = type_k
         if type_v is not None:
             cparams.type_v = type_v
-        llamacpp_log.clear()
+        llamacpp_log.clear(sizes=False)
         self._ctx = lc.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             lc.llama_model_free(self._model)
@@ -85,17 +85,14 @@ class LlamaCppEngine(Engine):
         self._piece_cache: dict[int, bytes] = {}
 
     def _check_gguf(self) -> None:
-        # gguf-py's reader first: llama.cpp aborts the process on some malformed vocabularies.
-        from gguf import GGUFReader
+        # Checked before llama.cpp sees it: llama.cpp aborts the process on some malformed vocabularies.
+        from kiln.gguf_header import read_header
 
-        try:
-            reader = GGUFReader(self.path)
-        except Exception as exc:  # noqa: BLE001 - any parse failure means "not a valid GGUF"
-            raise KilnError(f"{self.path}: not a valid GGUF file ({exc})") from None
-        fields = reader.fields
+        fields = read_header(self.path, ("tokenizer.ggml.model", "tokenizer.ggml.tokens"))
         self._unrepresentable = b""
-        if "tokenizer.ggml.model" in fields and fields["tokenizer.ggml.model"].contents() == "gpt2":
-            missing = missing_bytes(fields["tokenizer.ggml.tokens"].contents())
+        if fields.get("tokenizer.ggml.model") == "gpt2":
+            tokens = [t.decode("utf-8", errors="replace") for t in fields.get("tokenizer.ggml.tokens") or []]
+            missing = missing_bytes(tokens)
             essential = essential_missing(missing)
             if essential:
                 raise KilnError(f"{self.path}: byte-level vocabulary lacks byte tokens for {describe(essential)}; "
