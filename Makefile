@@ -9,7 +9,9 @@ STAMP := $(VENV)/.kiln-installed
 DEMO := out/demo
 SMOL := $(KILN_CACHE)/fixtures/smollm2-135m
 
-.PHONY: setup fixtures demo test go-toolchain bench clean
+R ?= recipes/smollm2.yaml
+
+.PHONY: setup fixtures demo recipe test go-toolchain bench clean
 
 $(STAMP): pyproject.toml scripts/build-llama-wheel.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,18 +32,22 @@ go-toolchain:
 	@command -v go >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq golang-go) >/dev/null 2>&1 \
 	  && echo "installed golang-go" || echo "go unavailable: Modelfile Go-template tests will be skipped"; }
 
+# The default recipe (recipes/smollm2.yaml): q8_0, q4_k_m, GPTQ q4_0 GGUF + Modelfiles, int4 ONNX,
+# eval, bench, report.md — each step cached, so a second `make demo` only runs the generate lines.
 demo: fixtures
-	$(KILN) export gguf $(SMOL) -o $(DEMO)/smollm2-135m.q8_0.gguf --quant q8_0 --modelfile
-	$(KILN) export gguf $(SMOL) -o $(DEMO)/smollm2-135m.q4_k_m.gguf --quant q4_k_m --modelfile
+	$(KILN) recipe run recipes/smollm2.yaml -o $(DEMO)
 	$(KILN) inspect $(DEMO)/smollm2-135m.q4_k_m.gguf
 	$(KILN) generate $(DEMO)/smollm2-135m.q4_k_m.gguf --chat --max-tokens 32 \
 	  --system "Answer the question in one short sentence." --prompt "What is the capital of France?"
 	$(KILN) generate $(DEMO)/smollm2-135m.q4_k_m.gguf --chat --prompt "Is the sky blue? Answer yes or no." \
 	  --particles 16 --regex "(Yes|No)\." --max-tokens 6 --seed 0
-	$(KILN) export onnx $(SMOL) -o $(DEMO)/smollm2-135m-int4-onnx --precision int4
 	$(KILN) generate $(DEMO)/smollm2-135m-int4-onnx --chat --max-tokens 32 \
 	  --system "Answer the question in one short sentence." --prompt "What is the capital of France?"
-	@echo "Artifacts, manifests and Modelfiles are in $(DEMO)/ (ollama create smollm2 -f $(DEMO)/smollm2-135m.q4_k_m.Modelfile)"
+	@echo "Artifacts, manifests, Modelfiles and report.md are in $(DEMO)/ (ollama create smollm2 -f $(DEMO)/smollm2-135m.q4_k_m.Modelfile)"
+
+# Any recipe: make recipe R=recipes/qwen2.5-0.5b-instruct-yarn128k.yaml (outputs where its `output:` says, under out/)
+recipe: fixtures
+	$(KILN) recipe run $(R)
 
 test: fixtures go-toolchain
 	$(PY) -m pytest -q
@@ -51,6 +57,7 @@ bench: fixtures
 	$(PY) bench/onnx_decode.py
 	$(PY) bench/quality.py
 	$(PY) bench/smc.py
+	$(PY) bench/contexts.py   # docs/benchmarks.md: kiln bench across contexts (about 50 min)
 
 clean:
 	rm -rf out bench/results .pytest_cache

@@ -557,6 +557,11 @@ def _smc_display(enabled: bool, particles: int):
         yield update
 
 
+from kiln.recipe.cli import recipe as _recipe_group  # noqa: E402 - registered after the core commands
+
+cli.add_command(_recipe_group)
+
+
 from kiln.bench.commands import bench_cmd, plan_cmd  # noqa: E402  (commands defined in their own modules)
 
 cli.add_command(bench_cmd)

@@ -365,7 +365,9 @@ def write_gptq_checkpoint(ckpt, linears: dict[str, GPTQLinear], config: GPTQConf
     cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
     cfg["quantization_config"] = config.to_json()
     with atomic_dir(out) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "quantized_by": "kiln"})
+        # One metadata key: safetensors writes __metadata__ from a Rust HashMap, whose order changes
+        # from process to process, so two keys made the same checkpoint differ byte for byte.
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         (tmp / "quantize_config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n", encoding="utf-8")
         for name in COPIED_FILES:
