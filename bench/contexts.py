@@ -11,6 +11,7 @@ What it runs (DESIGN.md §8, issue 7), all through `kiln.bench.run_bench` (the c
 3. Qwen2.5-0.5B's exact shapes with random weights (bench/shapes.py; "cost only"), GGUF q4_k_m and
    q8_0, at 512 / 2048 / 8192 / 32768, anchors up to 2048 (filling 32K tokens twice more per type
    would double the run for a ratio the smaller contexts already show).
+4. Arbor-500M's native shapes (GPT-2 layout, 128k vocabulary), GGUF q4_k_m and q8_0, to 8192.
 
 Artifacts are exported once (verified, as `kiln export` does) into $KILN_CACHE/bench-artifacts and
 reused. Results: docs/benchmarks/<name>.{json,md,png} and docs/benchmarks.md (committed).
@@ -101,15 +102,20 @@ def summary(reports: dict[str, dict]) -> list[str]:
     return lines
 
 
+SECTIONS = ("smollm2", "smollm2-kv", "smollm2-particles", "qwen2.5-0.5b-shape", "arbor-500m-shape")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="example:\n  .venv/bin/python bench/contexts.py            # everything (about 50 min here)\n"
+                                 epilog="example:\n  .venv/bin/python bench/contexts.py            # everything (about an hour here)\n"
+                                        "  .venv/bin/python bench/contexts.py --sections arbor-500m-shape   # one section; "
+                                        "docs/benchmarks.md is reassembled from every section's JSON\n"
                                         "  .venv/bin/python bench/contexts.py --quick    # smollm2 q4_k_m only, 512/2048\n")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
     ap.add_argument("--quick", action="store_true", help="smollm2 q4_k_m at 512 and 2048 only (a smoke run)")
-    ap.add_argument("--skip-shapes", action="store_true", help="leave out the Qwen2.5-0.5B-shaped model")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
     args = ap.parse_args()
     console = Console(stderr=True)
     from kiln.fixtures import build
@@ -117,29 +123,43 @@ def main() -> int:
     import shapes
 
     smol = build("smollm2-135m", progress=False)
-    reports: dict[str, dict] = {}
     t = args.threads
     if args.quick:
         q4 = artifact(smol, "smollm2-135m", "gguf", "q4_k_m", console)
-        reports["quick"] = run("quick", [q4], BenchOptions(contexts=[512, 2048], threads=t), args.out, console)
-        print("\n".join(summary(reports)))
+        quick = run("quick", [q4], BenchOptions(contexts=[512, 2048], threads=t), args.out, console)
+        print("\n".join(summary({"quick": quick})))
         return 0
+    wanted = [x.strip() for x in args.sections.split(",") if x.strip()]
+    bad = [x for x in wanted if x not in SECTIONS]
+    if bad:
+        raise SystemExit(f"unknown section {bad[0]!r} (known: {', '.join(SECTIONS)})")
     smol_arts = [artifact(smol, "smollm2-135m", "gguf", q, console) for q in ("f16", "q8_0", "q4_k_m")]
     smol_arts += [artifact(smol, "smollm2-135m", "onnx", p, console) for p in ("int8", "int4")]
-    reports["smollm2"] = run("smollm2", smol_arts, BenchOptions(contexts=[512, 2048, 8192], threads=t),
-                             args.out, console)
     q4 = smol_arts[2]
-    reports["smollm2-kv"] = run("smollm2-kv", [q4], BenchOptions(
-        contexts=[8192], threads=t, kv_types=["f16", "q8_0"], flash_attn=["off", "on"], anchors=False),
-        args.out, console)
-    reports["smollm2-particles"] = run("smollm2-particles", [q4, smol_arts[4]], BenchOptions(
-        contexts=[2048], threads=t, particles=[1, 4, 16], anchors=False), args.out, console)
-    if not args.skip_shapes:
-        src = shapes.build()
-        shape_arts = [artifact(src, "qwen2.5-0.5b-shape", "gguf", q, console) for q in ("q4_k_m", "q8_0")]
-        reports["qwen2.5-0.5b-shape"] = run("qwen2.5-0.5b-shape", shape_arts, BenchOptions(
+    if "smollm2" in wanted:
+        run("smollm2", smol_arts, BenchOptions(contexts=[512, 2048, 8192], threads=t), args.out, console)
+    if "smollm2-kv" in wanted:
+        run("smollm2-kv", [q4], BenchOptions(contexts=[8192], threads=t, kv_types=["f16", "q8_0"],
+                                             flash_attn=["off", "on"], anchors=False), args.out, console)
+    if "smollm2-particles" in wanted:
+        run("smollm2-particles", [q4, smol_arts[4]], BenchOptions(contexts=[2048], threads=t, particles=[1, 4, 16],
+                                                                  anchors=False), args.out, console)
+    if "qwen2.5-0.5b-shape" in wanted:
+        src = shapes.build("qwen2.5-0.5b-shape")
+        arts = [artifact(src, "qwen2.5-0.5b-shape", "gguf", q, console) for q in ("q4_k_m", "q8_0")]
+        run("qwen2.5-0.5b-shape", arts, BenchOptions(
             contexts=[512, 2048, 8192, 32768], threads=t, anchor_max_context=2048,
             label="Qwen2.5-0.5B shapes, cost only, random weights"), args.out, console)
+    if "arbor-500m-shape" in wanted:
+        # Arbor is full multi-head attention (16 KV heads): 8x Qwen2.5-0.5B's KV per token, so its
+        # 32K fill alone would take longer than the rest of this run; it stops at 8192.
+        src = shapes.build("arbor-500m-shape")
+        arts = [artifact(src, "arbor-500m-shape", "gguf", q, console) for q in ("q4_k_m", "q8_0")]
+        run("arbor-500m-shape", arts, BenchOptions(
+            contexts=[512, 2048, 8192], threads=t, anchor_max_context=2048,
+            label="Arbor-500M native shapes (GPT-2 layout), cost only, random weights"), args.out, console)
+    reports = {n: json.loads((args.out / f"{n}.json").read_text()) for n in SECTIONS
+               if (args.out / f"{n}.json").is_file()}
     write_docs(reports, args.out)
     print("\n".join(summary(reports)))
     return 0
@@ -175,7 +195,8 @@ def write_docs(reports: dict[str, dict], out: Path) -> None:
     titles = {"smollm2": "SmolLM2-135M (real weights): GGUF and ONNX across its native 8K window",
               "smollm2-kv": "SmolLM2-135M q4_k_m at 8192: KV-cache type and flash attention",
               "smollm2-particles": "SmolLM2-135M at 2048: N particles decoding together (SMC)",
-              "qwen2.5-0.5b-shape": "Qwen2.5-0.5B shapes, random weights (cost only) to 32K"}
+              "qwen2.5-0.5b-shape": "Qwen2.5-0.5B shapes, random weights (cost only) to 32K",
+              "arbor-500m-shape": "Arbor-500M native shapes, random weights (cost only) to 8K"}
     for name, rep in reports.items():
         from kiln.bench.report import markdown
 

@@ -62,8 +62,8 @@ def status_kib() -> dict[str, int]:
 def plan_tokens(spec: ProbeSpec, pair: bool = False) -> tuple[int, int]:
     """(prompt tokens, timed generation steps): the prompt fills the context less the generation room."""
     n_gen = max(4, min(spec.n_gen, (spec.context // 4) // spec.particles))
-    if pair:
-        n_gen = max(CHUNK, n_gen // CHUNK * CHUNK)
+    if pair:  # 3x the steps: a ratio of two noisy rates needs more samples than either rate
+        n_gen = max(CHUNK, min(3 * spec.n_gen, spec.context // 4) // CHUNK * CHUNK)
         room = n_gen + WARM * (n_gen // CHUNK) + 1
     else:
         room = spec.particles * (n_gen + WARM) + 1
