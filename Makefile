@@ -57,7 +57,7 @@ bench: fixtures
 	$(PY) bench/onnx_decode.py
 	$(PY) bench/quality.py
 	$(PY) bench/smc.py
-	$(PY) bench/contexts.py   # docs/benchmarks.md: kiln bench across contexts (about 50 min)
+	$(PY) bench/contexts.py   # docs/benchmarks.md: kiln bench across contexts (about an hour)
 
 clean:
 	rm -rf out bench/results .pytest_cache

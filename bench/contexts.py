@@ -90,10 +90,13 @@ def summary(reports: dict[str, dict]) -> list[str]:
     if ratios:
         lo, hi = min(ratios), max(ratios)
         gguf = [x for x in ratios if x[1].endswith(".gguf")]
+        within = sum(1 for x in ratios if x[0] >= 0.95)
+        median = sorted(x[0] for x in ratios)[len(ratios) // 2]
         lines.append(f"- Harness overhead: kiln's decode tokens/s over the anchor's, same file, same run, alternating "
-                     f"turns: {lo[0]:.3f} ({lo[1]} at {lo[2]}) to {hi[0]:.3f} ({hi[1]} at {hi[2]}) over {len(ratios)} "
-                     "configurations" + (f"; GGUF only: {min(gguf)[0]:.3f} to {max(gguf)[0]:.3f}" if gguf else "")
-                     + ". Goal: within 5% of the anchor (ratio ≥ 0.95).")
+                     f"turns: median {median:.3f}, {lo[0]:.3f} ({lo[1]} at {lo[2]}) to {hi[0]:.3f} ({hi[1]} at "
+                     f"{hi[2]}) over {len(ratios)} configurations, {within} of them at 0.95 or above"
+                     + (f"; GGUF only: {min(gguf)[0]:.3f} to {max(gguf)[0]:.3f}" if gguf else "")
+                     + ". Goal: kiln within 5% of the anchor (ratio ≥ 0.95).")
     if errors:
         worst = max(errors)
         lines.append(f"- `kiln plan`'s cost model against measured peak RSS: worst error {100 * worst[1]:+.1f}% "
