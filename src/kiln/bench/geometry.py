@@ -38,6 +38,12 @@ class Geometry:
     kv_bytes_per_elem: float  # the artifact's own KV element size (ONNX: the graph's KV type; GGUF: f16)
     repacked_bytes: int = 0  # weights the CPU backend copies into its own layout (llama.cpp repack, MLAS prepack)
     ffn: int = 0  # feed-forward width (0: unknown)
+    gathered_bytes: int = 0  # tables only looked up per token (positions; untied token embeddings): not streamed
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Weight bytes decode reads per token: what the bandwidth bound divides by."""
+        return self.model_bytes - self.gathered_bytes
 
     def kv_bytes_per_token(self, kv_type: str | None = None) -> float:
         """K and V of one token in all layers: 2 x n_layers x n_kv_heads x head_dim x bytes per element."""
@@ -113,8 +119,10 @@ def _gguf(path: Path) -> Geometry:
                    if t.tensor_type.name in ("Q4_0", "Q4_K", "IQ4_NL") and len(t.shape) > 1 and t.shape[1] % 8 == 0
                    and not t.name.startswith(("token_embd", "position_embd")))
     ffn = int(get(f"{arch}.feed_forward_length", 0) or 0)
+    names = {t.name: int(t.n_bytes) for t in reader.tensors}
+    gathered = names.get("position_embd.weight", 0) + (names.get("token_embd.weight", 0) if "output.weight" in names else 0)
     return Geometry("gguf", arch, n_layers, n_heads, n_kv, head_dim, hidden, vocab, ctx, native, note,
-                    path.stat().st_size, 2.0, repacked, ffn)
+                    path.stat().st_size, 2.0, repacked, ffn, gathered)
 
 
 def _onnx(path: Path) -> Geometry:
@@ -135,14 +143,15 @@ def _onnx(path: Path) -> Geometry:
         if rope.get("type") not in (None, "none"):
             native = int(rope.get("original_context") or ctx)
             note = f"{rope['type']} x{float(rope.get('factor') or 1):g}"
-    kv_elem, packed, widest = _onnx_graph_facts(path / filename, dec)
+    kv_elem, packed, widest, gathered = _onnx_graph_facts(path / filename, dec)
     return Geometry("onnx", model.get("type", "?"), n_layers, n_heads, n_kv, head_dim, hidden, vocab, ctx,
-                    native, note, size, kv_elem, packed, widest if widest > hidden else 0)
+                    native, note, size, kv_elem, packed, widest if widest > hidden else 0, gathered)
 
 
-def _onnx_graph_facts(onnx_path: Path, dec: dict) -> tuple[float, int, int]:
+def _onnx_graph_facts(onnx_path: Path, dec: dict) -> tuple[float, int, int, int]:
     """(KV element size of the graph's past_key_values input, bytes of its 4-bit MatMulNBits weights,
-    the widest MatMulNBits input: the FFN width, read off the down projection).
+    the widest MatMulNBits input: the FFN width, read off the down projection, bytes of tables that
+    are only gathered).
 
     The second is what onnxruntime's MLAS prepacks into a second copy at session start (measured:
     smollm2 int4's peak RSS holds its 4-bit linears twice; int8 MatMulNBits are not prepacked)."""
@@ -158,6 +167,12 @@ def _onnx_graph_facts(onnx_path: Path, dec: dict) -> tuple[float, int, int]:
                 sizes[t.name] = int({e.key: e.value for e in t.external_data}.get("length", 0))
             else:
                 sizes[t.name] = len(t.raw_data)
+        consumers: dict[str, set[str]] = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, set()).add(node.op_type)
+        gathered = sum(size for name, size in sizes.items()
+                       if consumers.get(name) and consumers[name] <= {"Gather", "GatherBlockQuantized"})
         packed = widest = 0
         for node in graph.node:
             if node.op_type == "MatMulNBits":
@@ -165,9 +180,9 @@ def _onnx_graph_facts(onnx_path: Path, dec: dict) -> tuple[float, int, int]:
                 widest = max(widest, attrs.get("K", 0))
                 if attrs.get("bits", 4) == 4:
                     packed += sum(sizes.get(name, 0) for name in node.input[1:3])
-        return (2.0 if elem == onnx.TensorProto.FLOAT16 else 4.0), packed, widest
+        return (2.0 if elem == onnx.TensorProto.FLOAT16 else 4.0), packed, widest, gathered
     except Exception:  # noqa: BLE001 - without onnx: float32 KV (kiln's CPU exports), prepacking unknown
-        return 4.0, 0, 0
+        return 4.0, 0, 0, 0
 
 
 def hf_geometry(config: dict[str, Any], path: Path | None = None) -> Geometry:

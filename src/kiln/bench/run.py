@@ -88,7 +88,7 @@ def _derive(row: dict[str, Any], geo: Geometry, kv: str, bandwidth: float) -> No
     row["kv_bytes_formula"] = geo.kv_bytes(geo.kv_cells(row["context"]), kv_type) * rows
     depth = row.get("prompt_tokens")
     if depth is not None and row.get("tg_tok_s") and row["particles"] == 1:
-        step_bytes = geo.model_bytes + geo.kv_bytes(depth, kv_type)
+        step_bytes = geo.streamed_bytes + geo.kv_bytes(depth, kv_type)
         row["bytes_per_token"] = step_bytes
         row["bandwidth_bound_tok_s"] = bandwidth / step_bytes
         row["fraction_of_bound"] = row["tg_tok_s"] / row["bandwidth_bound_tok_s"]
