@@ -49,7 +49,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path

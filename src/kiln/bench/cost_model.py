@@ -100,7 +100,7 @@ def _more_bits(i: int, n: int) -> bool:
 def tensor_type(t: Tensor, ftype: str, n_layers: int, tied: bool) -> str:
     """The ggml type llama.cpp's quantizer gives tensor `t` for `ftype` (the subset of rules kiln plans with)."""
     if t.category in ("norm", "bias", "pos_embd"):
-        return "f32" if t.category != "pos_embd" or ftype in ("f16", "bf16") else "f32"
+        return "f32"
     default = FTYPE_DEFAULT[ftype]
     if default in ("f16", "bf16", "f32"):
         return default

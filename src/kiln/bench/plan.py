@@ -122,10 +122,9 @@ def onnx_weights(config: dict[str, Any], precision: str) -> tuple[int, float, in
 
 
 def _largest_context(geo: Geometry, budget: int, kw: dict[str, Any], limit: int) -> int:
-    lo, hi = 0, limit
     if predict_peak(geo, 64, **kw).total > budget:
         return 0
-    lo = 64
+    lo, hi = 64, limit
     while hi - lo > 16:
         mid = (lo + hi) // 2
         if predict_peak(geo, mid, **kw).total <= budget:
@@ -200,7 +199,7 @@ def explain(p: Plan, geo: Geometry) -> str:
     parts += [kv_note, f"compute {_human(e.compute)}", f"runtime {_human(e.runtime)}"]
     head = f"{c.quant}, {_ctx(c.max_context)} context"
     line = f"{head}: " + ", ".join(parts) + f" = {_human(e.total)} of {_human(p.memory)} at {_ctx(ctx)}"
-    better = [x for x in p.candidates[:p.candidates.index(c)]]
+    better = p.candidates[:p.candidates.index(c)]
     if better:
         b = better[-1]
         line += (f"; {b.quant} would fit only {_ctx(b.max_context)}" if b.max_context

@@ -111,13 +111,8 @@ def run_eval(step: Step, ctx: StepContext) -> dict[str, Any]:
 
 
 def run_bench(step: Step, ctx: StepContext) -> dict[str, Any]:
-    from kiln.errors import KilnError
+    from kiln.bench.run import BenchOptions, run_bench as bench
 
-    try:
-        from kiln.bench.run import BenchOptions, run_bench as bench
-    except ImportError:
-        raise KilnError("the bench step needs kiln.bench (kiln bench), which this installation lacks; "
-                        "set bench.enabled: false") from None
     artifacts = [ctx.paths[i] for i in step.inputs]
     with atomic_dir(ctx.output / step.outputs[0]) as tmp:
         result = bench(artifacts, BenchOptions(**step.options), tmp, progress=ctx.progress)
