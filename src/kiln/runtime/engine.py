@@ -48,6 +48,13 @@ class Engine(ABC):
         (rope at long positions can then be checked without a long prefix).
         """
 
+    def prefill_prompt(self, tokens: Sequence[int], seq: int = 0) -> np.ndarray:
+        """`prefill` of a prompt into the empty sequence `seq` (logits of its last position), allowed to
+        reuse the KV of an earlier prompt's longest common prefix: SMC and batched sampling call
+        this, so repeated calls with one system prompt or one question pay for the prompt once.
+        Engines without a prompt cache simply prefill."""
+        return self.prefill(tokens, seq=seq)
+
     @abstractmethod
     def step(self, tokens: Sequence[int], seqs: Sequence[int]) -> np.ndarray:
         """Append one token to each sequence in one forward pass; returns [len(seqs), vocab] logits."""

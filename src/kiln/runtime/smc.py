@@ -342,7 +342,7 @@ def _run(engine: Engine, prompt_ids: Sequence[int], n: int, proposal, critics, e
     pending = None
     engine.reset()
     try:
-        logits = engine.prefill(prompt, seq=0)[None, :]
+        logits = engine.prefill_prompt(prompt, seq=0)[None, :]
         pstates = tuple(p.initial_state() for p in props)
         cstates = tuple(c.initial_state() for c in crits)
         psi0 = float(sum(c.prefix(s) for c, s in zip(crits, cstates)))
