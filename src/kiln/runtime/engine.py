@@ -48,12 +48,17 @@ class Engine(ABC):
         (rope at long positions can then be checked without a long prefix).
         """
 
-    def prefill_prompt(self, tokens: Sequence[int], seq: int = 0) -> np.ndarray:
+    def prefill_prompt(self, tokens: Sequence[int], seq: int = 0, reserve: int = 0) -> np.ndarray:
         """`prefill` of a prompt into the empty sequence `seq` (logits of its last position), allowed to
         reuse the KV of an earlier prompt's longest common prefix: SMC and batched sampling call
         this, so repeated calls with one system prompt or one question pay for the prompt once.
-        Engines without a prompt cache simply prefill."""
+        `reserve`: KV cells the caller will still need after the prompt (an engine with a shared
+        cell pool evicts cached prompts to keep them free). Engines without a prompt cache simply
+        prefill."""
         return self.prefill(tokens, seq=seq)
+
+    def clear_prompt_cache(self) -> None:  # noqa: B027 - optional
+        """Forget every cached prompt (engines with a prompt cache)."""
 
     @abstractmethod
     def step(self, tokens: Sequence[int], seqs: Sequence[int]) -> np.ndarray:

@@ -36,7 +36,7 @@ def generate(engine: Engine, prompt: Sequence[int], max_tokens: int = 128, tempe
              seed: int | None = None, on_token: Callable[[int], None] | None = None) -> Generation:
     rng = np.random.default_rng(seed)
     engine.reset()
-    logits = engine.prefill(prompt, seq=0)
+    logits = engine.prefill_prompt(prompt, seq=0, reserve=max_tokens)
     out: list[int] = []
     stopped = "length"
     for _ in range(max_tokens):

@@ -30,10 +30,22 @@ def _llama():
     return llama_cpp
 
 
+_MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids a context can hold
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 class LlamaCppEngine(Engine):
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_seq_max: int = 1,
                  threads: int | None = None, n_batch: int = 512, flash_attn: bool | None = None,
-                 type_k: int | None = None, type_v: int | None = None, kv_unified: bool = True):
+                 type_k: int | None = None, type_v: int | None = None, kv_unified: bool = True,
+                 prompt_cache: int = 4):
         lc = _llama()
         from kiln import llamacpp_log
 
@@ -54,7 +66,13 @@ class LlamaCppEngine(Engine):
         cparams.n_ctx = n_ctx or min(self.context_length, 4096)
         cparams.n_batch = n_batch
         cparams.n_ubatch = min(n_batch, 512)
-        cparams.n_seq_max = n_seq_max
+        # Cached prompts live in hidden sequence ids after the caller's (their cells are shared with
+        # the sequences copied from them, so a prompt in use costs no extra cells). A split cache
+        # would give every hidden id its own slice of n_ctx: only the unified one gets a cache.
+        self._slots = list(range(n_seq_max, min(n_seq_max + prompt_cache, _MAX_SEQ))) if kv_unified else []
+        self._cached: dict[int, tuple[tuple[int, ...], np.ndarray]] = {}  # slot -> (prompt, last logits)
+        self._lru: list[int] = []  # slots, least recently used first
+        cparams.n_seq_max = n_seq_max + len(self._slots)
         cparams.n_outputs_max_per_seq = 0  # allow logits at every position (scoring, eval)
         t = threads or default_threads()
         cparams.n_threads = t
@@ -231,9 +249,82 @@ class LlamaCppEngine(Engine):
         self._len.pop(seq, None)
 
     def reset(self) -> None:
-        self._lc.llama_memory_clear(self._mem, True)
+        if self._cached:  # keep the cached prompts' cells
+            for seq in list(self._pos):
+                self._lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        else:
+            self._lc.llama_memory_clear(self._mem, True)
         self._pos.clear()
         self._len.clear()
+
+    # --- prompt cache -------------------------------------------------------------------------
+    def prefill_prompt(self, tokens: Sequence[int], seq: int = 0, reserve: int = 0) -> np.ndarray:
+        """Prefill through a small LRU cache of earlier prompts, held as hidden sequences: the longest
+        common prefix is copied (`llama_memory_seq_cp`, no decode) and only the rest is decoded; an
+        exact hit decodes nothing and returns the stored logits, which are the ones the first
+        prefill produced. What llama-server's prompt cache does, per engine."""
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise KilnError("nothing to prefill: empty token list")
+        if not self._slots or self._len.get(seq, 0):
+            return self.prefill(tokens, seq=seq)
+        lc, mem = self._lc, self._mem
+        best, k = None, 0
+        for slot, (cached, _) in self._cached.items():
+            j = _common_prefix(cached, tokens)
+            if j > k:
+                best, k = slot, j
+        # cells cached prompts hold beyond what this prompt shares stay occupied: evict (least recently
+        # used first, the best match last) until this prompt, the caller's reserve and the live sequences fit
+        def over() -> bool:
+            held = sum(len(self._cached[s][0]) for s in self._cached) - k
+            return held + len(tokens) + reserve + sum(self._len.values()) > self.n_ctx
+
+        for slot in [s for s in self._lru if s != best] + ([best] if best is not None else []):
+            if not over():
+                break
+            self._evict(slot)
+            if slot == best:
+                best, k = None, 0
+        if best is None:
+            logits = self.prefill(tokens, seq=seq)
+        else:
+            self._lru.remove(best)
+            self._lru.append(best)
+            lc.llama_memory_seq_cp(mem, best, seq, -1, -1)
+            if k == len(tokens) and k == len(self._cached[best][0]):
+                self._pos[seq] = self._len[seq] = k
+                return self._cached[best][1].copy()
+            if k == len(tokens):  # the prompt is a proper prefix of a cached one: re-run its last token
+                k -= 1
+            lc.llama_memory_seq_rm(mem, seq, k, -1)
+            self._pos[seq] = self._len[seq] = k
+            logits = self.prefill(tokens[k:], seq=seq)
+        if best is not None and len(self._cached[best][0]) == k:
+            slot = best  # the new prompt extends the cached one: replace it
+        else:
+            free = [s for s in self._slots if s not in self._cached]
+            slot = free[0] if free else self._lru[0]
+        if slot in self._cached:
+            self._evict(slot)
+        lc.llama_memory_seq_cp(mem, seq, slot, -1, -1)
+        self._cached[slot] = (tuple(tokens), logits.copy())
+        self._lru.append(slot)
+        return logits
+
+    def _evict(self, slot: int) -> None:
+        self._lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
+        self._cached.pop(slot, None)
+        if slot in self._lru:
+            self._lru.remove(slot)
+
+    def clear_prompt_cache(self) -> None:
+        for slot in list(self._cached):
+            self._evict(slot)
+
+    def cached_prompts(self) -> list[tuple[int, ...]]:
+        """The prompts held, least recently used first."""
+        return [self._cached[s][0] for s in self._lru]
 
     def close(self) -> None:
         if getattr(self, "_ctx", None):
