@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -420,7 +421,9 @@ def imatrix_cmd(src: Path, calib: Path | None, out: Path, ctx: int, chunks: int 
 
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--prompt", required=True, help="Prompt text (a user message with --chat).")
+@click.option("--prompt", "prompts", required=True, multiple=True,
+              help="Prompt text (a user message with --chat). Repeatable: with SMC several prompts run together "
+                   "(one population each, one engine step for all); without SMC one after another.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt with the artifact's chat template.")
 @click.option("--system", help="System message (with --chat).")
 @click.option("--max-tokens", type=int, default=128, show_default=True)
@@ -444,7 +447,7 @@ def imatrix_cmd(src: Path, calib: Path | None, out: Path, ctx: int, chunks: int 
 @click.option("--threads", type=int, default=0)
 @click.option("--ctx", type=int, default=None, help="Context to allocate (default: what the run needs, or 4096).")
 @click.option("--json", "as_json", is_flag=True)
-def generate(artifact: Path, prompt: str, chat: bool, system: str | None, max_tokens: int,
+def generate(artifact: Path, prompts: tuple[str, ...], chat: bool, system: str | None, max_tokens: int,
              temperature: float | None, seed: int | None, particles: int | None, regex: str | None,
              json_schema: str | None, grammar: str | None, potentials: tuple[str, ...], ess_threshold: float,
              resampling: str, timeout: float | None, no_cache: bool, threads: int, ctx: int | None,
@@ -456,6 +459,11 @@ def generate(artifact: Path, prompt: str, chat: bool, system: str | None, max_to
     as twists, resampling when the effective sample size drops. It prints one draw from the
     weighted posterior and the posterior over distinct outputs (--json: everything, incl. log Z).
 
+    Several --prompt values: with SMC they run as one batch (a population of N particles per
+    prompt, every step one engine call for all; the generation cache is not used), printing a
+    "== prompt I/K: TEXT" header before each result (--json: a list, one object per prompt).
+    Without SMC they are generated one after another, each under such a header.
+
     \b
     Examples:
       kiln generate smol.q4_k_m.gguf --chat --prompt "What is the capital of France?"
@@ -464,6 +472,7 @@ def generate(artifact: Path, prompt: str, chat: bool, system: str | None, max_to
       kiln generate smol.q4_k_m.gguf --chat --prompt "Name a colour." -n 16 --regex " ?[A-Z][a-z]+\\." --seed 0
       kiln generate smol.q4_k_m.gguf --prompt "Person:" -n 8 --json-schema person.json --max-tokens 60
       kiln generate smol.q4_k_m.gguf --prompt "Dear Sir," -n 16 --potential style:formal --potential sentence
+      kiln generate smol.q4_k_m.gguf --chat --prompt "Is ice cold?" --prompt "Is fire cold?" -n 8 --regex "(Yes|No)\\."
     """
     from kiln.runtime import load
     from kiln.runtime.generate import chat_prompt, generate as run
@@ -471,21 +480,36 @@ def generate(artifact: Path, prompt: str, chat: bool, system: str | None, max_to
     steered = particles is not None or regex is not None or json_schema is not None or grammar is not None \
         or bool(potentials)
     if not steered:
+        outs = []
         with load(artifact, n_ctx=ctx or 4096, threads=threads or None) as engine:
-            ids = _prompt_ids(engine, prompt, chat, system, chat_prompt)
-            stream = None if as_json else (lambda t: click.echo(engine.detokenize([t]), nl=False))
-            result = run(engine, ids, max_tokens=max_tokens, temperature=temperature or 0.0, seed=seed,
-                         on_token=stream)
+            for i, prompt in enumerate(prompts):
+                if len(prompts) > 1 and not as_json:
+                    click.echo(_prompt_header(i, prompts))
+                ids = _prompt_ids(engine, prompt, chat, system, chat_prompt)
+                stream = None if as_json else (lambda t: click.echo(engine.detokenize([t]), nl=False))
+                result = run(engine, ids, max_tokens=max_tokens, temperature=temperature or 0.0, seed=seed,
+                             on_token=stream)
+                outs.append({"text": result.text, "tokens": result.tokens, "prompt_tokens": result.prompt_tokens,
+                             "stopped": result.stopped})
+                if not as_json:
+                    click.echo()
         if as_json:
-            _emit_json({"text": result.text, "tokens": result.tokens, "prompt_tokens": result.prompt_tokens,
-                        "stopped": result.stopped})
-        else:
-            click.echo()
+            _emit_json(outs[0] if len(prompts) == 1 else outs)
         return
-    _steered_generate(artifact, prompt, chat, system, max_tokens, temperature, seed,
-                      16 if particles is None else particles,
-                      regex, json_schema, grammar, list(potentials), ess_threshold, resampling, timeout,
-                      not no_cache, threads, ctx, as_json)
+    n = 16 if particles is None else particles
+    if len(prompts) == 1:
+        _steered_generate(artifact, prompts[0], chat, system, max_tokens, temperature, seed, n, regex, json_schema,
+                          grammar, list(potentials), ess_threshold, resampling, timeout, not no_cache, threads, ctx,
+                          as_json)
+    else:
+        _steered_generate_batch(artifact, list(prompts), chat, system, max_tokens, temperature, seed, n, regex,
+                                json_schema, grammar, list(potentials), ess_threshold, resampling, timeout, threads,
+                                ctx, as_json)
+
+
+def _prompt_header(i: int, prompts: Sequence[str]) -> str:
+    text = " ".join(prompts[i].split())
+    return f"== prompt {i + 1}/{len(prompts)}: {text[:70] + '…' if len(text) > 70 else text}"
 
 
 def _prompt_ids(engine, prompt: str, chat: bool, system: str | None, chat_prompt) -> list[int]:
@@ -528,6 +552,11 @@ def _steered_generate(artifact: Path, prompt: str, chat: bool, system: str | Non
     if out["sample"] is None:
         raise KilnError("no particle finished: every particle was ruled out by the constraints"
                         + (" or the timeout came first" if out["timed_out"] else ""))
+    _print_steered(out, particles, hit)
+
+
+def _print_steered(out: dict[str, Any], particles: int, hit: bool) -> None:
+    """The sample on stdout; the run's summary and the top of the posterior on stderr."""
     click.echo(out["sample"])
     err = click.get_text_stream("stderr")
     log_ml = "—" if out["log_ml"] is None else f"{out['log_ml']:.3f}"
@@ -538,8 +567,79 @@ def _steered_generate(artifact: Path, prompt: str, chat: bool, system: str | Non
         click.echo(f"  {row['probability']:6.3f}  {row['text']!r}", file=err)
 
 
+def _steered_generate_batch(artifact: Path, prompts: list[str], chat: bool, system: str | None, max_tokens: int,
+                            temperature: float | None, seed: int | None, particles: int, regex: str | None,
+                            json_schema: str | None, grammar: str | None, potentials: list[str],
+                            ess_threshold: float, resampling: str, timeout: float | None, threads: int,
+                            ctx: int | None, as_json: bool) -> None:
+    """Several prompts through `smc_batch` (no generation cache): one population each, one engine step for all."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from kiln.runtime import load, smc_batch
+    from kiln.runtime.generate import chat_prompt
+    from kiln.runtime.potentials.base import Vocab
+    from kiln.runtime.steering import (Constraints, SteerOptions, build_potentials, engine_sizes,
+                                       result_json)
+
+    options = SteerOptions(particles=particles, max_tokens=max_tokens, ess_threshold=ess_threshold,
+                           resampling=resampling, temperature=1.0 if temperature is None else temperature,
+                           seed=seed, timeout=timeout)
+    options.validate()
+    constraints = Constraints(regex=regex, json_schema=json_schema, grammar=grammar, specs=potentials)
+    if not artifact.exists():
+        raise KilnError(f"{artifact}: no such file or directory")
+    k = len(prompts)
+    sizes_of = [len((system or "").encode()) + len(p.encode()) + (64 if chat else 0) for p in prompts]
+    # llama.cpp's one KV pool holds every prompt (16 tokens of slack each); ONNX rows the longest one
+    prompt_bytes = sum(sizes_of) + 16 * (k - 1) if artifact.suffix == ".gguf" else max(sizes_of)
+    sizes = engine_sizes(prompt_bytes, replace(options, particles=k * particles), artifact)
+    if ctx:
+        sizes["n_ctx"] = ctx
+    with load(artifact, threads=threads or None, **sizes) as engine:
+        ids = [_prompt_ids(engine, p, chat, system, chat_prompt) for p in prompts]
+        vocab = Vocab.from_engine(engine)
+        first = build_potentials(vocab, constraints)
+        conditioned = any(p.prompt_conditioned for p in (*first[0], *first[1]))
+
+        def built(i: int):  # prompt-conditioned potentials (critic:) need their own objects per prompt
+            return first if i == 0 or not conditioned else build_potentials(vocab, constraints)
+
+        per_prompt = [built(i) for i in range(k)]
+        with _smc_display(not as_json, particles, k) as on_step:
+            results = smc_batch(engine, ids, particles, proposal=lambda i: per_prompt[i][0] or None,
+                                critics=lambda i: per_prompt[i][1] or None, ess_threshold=options.ess_threshold,
+                                max_tokens=options.max_tokens, resampling=options.resampling,
+                                temperature=options.temperature, seed=options.seed, timeout=options.timeout,
+                                on_step=on_step)
+    outs = []
+    for i, result in enumerate(results):
+        out = result_json(result)
+        if result.particles and any(p.finished for p in result.particles):
+            rng = seed if i == 0 or seed is None else np.random.default_rng([seed, i])
+            out["sample"] = result.sample(rng).text
+        else:
+            out["sample"] = None
+        out["cached"] = False
+        out["prompt_tokens"] = len(ids[i])
+        outs.append(out)
+    if as_json:
+        _emit_json(outs)
+        return
+    for i, out in enumerate(outs):
+        click.echo(_prompt_header(i, prompts))
+        if out["sample"] is None:
+            click.echo("kiln: no particle finished: every particle was ruled out by the constraints"
+                       + (" or the timeout came first" if out["timed_out"] else ""), err=True)
+            continue
+        _print_steered(out, particles, False)
+    if all(out["sample"] is None for out in outs):
+        raise KilnError("no particle finished for any prompt")
+
+
 @contextmanager
-def _smc_display(enabled: bool, particles: int):
+def _smc_display(enabled: bool, particles: int, prompts: int = 1):
     """A live status line (particles alive, ESS, resamples) on an interactive stderr."""
     console = _stderr_console() if enabled else None
     if console is None or not console.is_interactive:
@@ -552,7 +652,8 @@ def _smc_display(enabled: bool, particles: int):
     with Live(Text(""), console=console, transient=True, refresh_per_second=8) as live:
         def update(info) -> None:
             resamples[0] += int(info.resampled)
-            live.update(Text(f"SMC step {info.step} · live {info.live}/{particles} · ESS {info.ess:.1f} · "
+            which = f" · prompt {info.prompt + 1}/{prompts}" if prompts > 1 else ""
+            live.update(Text(f"SMC step {info.step}{which} · live {info.live}/{particles} · ESS {info.ess:.1f} · "
                              f"resamples {resamples[0]} · {info.elapsed:.1f} s"))
         yield update
 

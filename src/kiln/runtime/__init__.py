@@ -26,6 +26,6 @@ def load(path: str | Path, **options) -> Engine:
                     "genai_config.json)")
 
 
-from kiln.runtime.smc import SMCResult, locally_constrained, smc  # noqa: E402  (after load: no cycle)
+from kiln.runtime.smc import SMCResult, locally_constrained, smc, smc_batch  # noqa: E402  (after load: no cycle)
 
-__all__ = ["Engine", "SMCResult", "load", "locally_constrained", "smc"]
+__all__ = ["Engine", "SMCResult", "load", "locally_constrained", "smc", "smc_batch"]

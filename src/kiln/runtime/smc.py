@@ -29,6 +29,11 @@ prefix draw different tokens, the prefix is forked with one `engine.reorder(sour
 (llama.cpp's unified cache relabels cells, onnxruntime copies rows); prefixes no particle holds any
 more are dropped. Live prefixes always occupy sequence ids 0..m−1 (contiguous batch rows for
 onnxruntime), so an engine needs n_seq_max >= N (no spare ids are ever needed for reorder).
+
+Several prompts (`smc_batch`): one population per prompt, each the same state machine
+(`_Population`: propose up to the engine call, then absorb the logits). Population i owns sequence
+ids i·N .. i·N+N−1 (its live prefixes occupy i·N .. i·N+m_i−1); every step gathers all populations'
+forks into one `reorder` and their live prefixes into ONE `engine.step`. `smc` is the one-prompt case.
 """
 
 from __future__ import annotations
@@ -125,6 +130,7 @@ class StepInfo:
     resampled: bool
     elapsed: float  # seconds since the start of the run
     rows: int  # engine rows run this step (distinct live prefixes)
+    prompt: int = 0  # smc_batch: which prompt's population this step belongs to
 
 
 @dataclass
@@ -202,24 +208,38 @@ def _as_list(potentials: Potential | Sequence[Potential] | None, what: str) -> l
     return items
 
 
-def _check_engine(engine: Engine, n: int, n_prompt: int, max_tokens: int) -> None:
-    if engine.n_seq_max < n:
-        raise KilnError(f"{n} particles need an engine holding {n} sequences, this one holds {engine.n_seq_max}: "
-                        f"open it with n_seq_max={n} or more (kiln.runtime.load(path, n_seq_max={n}))")
-    need = n_prompt + max_tokens
+def _check_engine(engine: Engine, n: int, prompt_lens: Sequence[int], max_tokens: int) -> None:
+    """Capacity for len(prompt_lens) populations of n particles each (one-line errors that say what
+    to open the engine with)."""
+    k = len(prompt_lens)
+    total = k * n
+    if engine.n_seq_max < total:
+        what = f"{n} particles" if k == 1 else f"{k} prompts x {n} particles"
+        raise KilnError(f"{what} need an engine holding {total} sequences, this one holds {engine.n_seq_max}: "
+                        f"open it with n_seq_max={total} or more (kiln.runtime.load(path, n_seq_max={total}))")
+    longest = max(prompt_lens)
+    need = longest + max_tokens
     if need > engine.n_ctx:
-        raise KilnError(f"a {n_prompt}-token prompt plus max_tokens={max_tokens} needs a context of {need}, "
+        what = f"a {longest}-token prompt" if k == 1 else f"the longest prompt ({longest} tokens)"
+        raise KilnError(f"{what} plus max_tokens={max_tokens} needs a context of {need}, "
                         f"the engine has {engine.n_ctx}: open it with n_ctx={need} or more")
     try:
         from kiln.runtime.llamacpp import LlamaCppEngine
     except ImportError:  # pragma: no cover - the module itself imports nothing optional
         return
     if isinstance(engine, LlamaCppEngine):
-        pool = n_prompt + n * max_tokens  # unified KV cache: the prompt once, then N divergent tails
+        # unified KV cache: each prompt once, then every particle's divergent tail
+        prompts = sum(prompt_lens)
+        pool = prompts + total * max_tokens
         if pool > engine.n_ctx:
+            if k == 1:
+                what = f"{n} particles x {max_tokens} tokens + {prompts} prompt tokens"
+            else:
+                what = f"{k} prompts x {n} particles x {max_tokens} tokens + {prompts} prompt tokens"
             raise KilnError(f"llama.cpp keeps all particles in one KV cache of n_ctx={engine.n_ctx} cells; "
-                            f"{n} particles x {max_tokens} tokens + {n_prompt} prompt tokens can need {pool}: "
-                            f"open it with n_ctx={pool} or more (or lower n_particles / max_tokens)")
+                            f"{what} can need {pool}: "
+                            f"open it with n_ctx={pool} or more (or lower n_particles / max_tokens"
+                            + (")" if k == 1 else " / the number of prompts)"))
 
 
 _BLOCK = 512  # sampling: pick a block of the vocabulary by its mass, then a token inside it
@@ -295,37 +315,250 @@ def _draw(E_row: np.ndarray, blocks_row: np.ndarray, k: int, rng: np.random.Gene
     return out
 
 
-def _run(engine: Engine, prompt_ids: Sequence[int], n: int, proposal, critics, ess_threshold: float,
-         max_tokens: int, resampling: str, temperature: float, seed: int | None, timeout: float | None,
-         on_step: Callable[[StepInfo], Any] | None, weighted: bool, overlap: bool = True) -> SMCResult:
+class _Population:
+    """One prompt's particle system, advanced step by step by `_run` (so several prompts can share
+    each `engine.step`). Its sequences are seq_base..seq_base+n−1.
+
+    Per step: `active` (the loop head: stop when nothing is live, or on timeout), `propose(W, plan)`
+    (everything before the engine call: draws, weights, resampling, forks; it returns the prefixes
+    to decode, each `(node.token, node.seq)`), then `absorb(logits)` with those rows' logits."""
+
+    def __init__(self, engine: Engine, index: int, prompt_ids: Sequence[int], n: int, props: list[Potential],
+                 crits: list[Potential], ess_threshold: float, max_tokens: int, resampling: str,
+                 temperature: float, rng: np.random.Generator, weighted: bool,
+                 text_of: Callable[[Sequence[int]], str]) -> None:
+        self.engine = engine
+        self.index = index
+        self.prompt = [int(t) for t in prompt_ids]
+        self.n = n
+        self.props = props
+        self.crits = crits
+        self.ess_threshold = ess_threshold
+        self.max_tokens = max_tokens
+        self.resampling = resampling
+        self.temperature = temperature
+        self.rng = rng
+        self.weighted = weighted
+        self.text_of = text_of
+        if n < 1:
+            raise KilnError(f"n_particles must be at least 1, got {n}")
+        if not 0.0 <= ess_threshold <= 1.0:
+            raise KilnError(f"ess_threshold must lie in [0, 1], got {ess_threshold}")
+        if max_tokens < 0:
+            raise KilnError(f"max_tokens must be >= 0, got {max_tokens}")
+        if not temperature > 0:
+            raise KilnError(f"temperature must be > 0, got {temperature}")
+        if resampling not in RESAMPLERS:
+            raise KilnError(f"unknown resampling scheme {resampling!r} (choose from {', '.join(RESAMPLERS)})")
+        if not self.prompt:
+            what = "smc" if index == 0 else f"prompt {index}"
+            raise KilnError(f"{what} needs a non-empty prompt (at least a BOS token)")
+        self.V = V = int(engine.vocab_size)
+        self.eog = np.array(sorted(i for i in engine.eog_ids if 0 <= i < V), dtype=np.intp)
+        if self.eog.size == 0:
+            raise KilnError("the engine reports no end-of-generation token: no string can end")
+        for p in (*props, *crits):
+            if p.vocab.size != V:
+                raise KilnError(f"{type(p).__name__} was built for a vocabulary of {p.vocab.size} tokens, the engine "
+                                f"has {V}: build potentials on Vocab.from_engine(engine)")
+        self.result = SMCResult([], -math.inf, n)
+        self.done = False
+        self.kids: list[_Node] = []
+
+    def start(self, seq_base: int, t0: float, reserve: int = 0) -> None:
+        """Prefill the prompt into sequence `seq_base`; every particle starts on it."""
+        self.base = seq_base
+        self.t0 = t0
+        props, crits = self.props, self.crits
+        self.logits = self.engine.prefill_prompt(self.prompt, seq=seq_base, reserve=reserve)[None, :]
+        pstates = tuple(p.initial_state() for p in props)
+        cstates = tuple(c.initial_state() for c in crits)
+        psi0 = float(sum(c.prefix(s) for c, s in zip(crits, cstates)))
+        lw0 = float(sum(p.prefix(s) for p, s in zip(props, pstates))) + psi0
+        root = _Node((), pstates, cstates, psi0)
+        root.seq, root.row = seq_base, 0
+        self.nodes: list[_Node] = [root]
+        self.pnode: list[_Node] = [root] * self.n
+        self.status = np.full(self.n, _LIVE, np.int8)
+        self.logw = np.full(self.n, lw0 if self.weighted else 0.0)
+        if lw0 == -math.inf:
+            self.status[:] = _DEAD
+        self.step = 0
+
+    def active(self, timed_out: bool) -> bool:
+        """The loop head: False once this population has stopped (its result is then final)."""
+        if self.done:
+            return False
+        if not np.any(self.status == _LIVE) or not np.any(self.logw > -np.inf):
+            self._finish()
+            return False
+        if timed_out:
+            self.result.timed_out = True
+            self._finish()
+            return False
+        return True
+
+    def propose(self, W: np.ndarray | None, plan: _SeqPlan) -> list[_Node]:
+        """One step up to the engine call: draw every live particle's token, update weights, resample
+        if needed, and plan the sequence forks (into `plan`). Returns the prefixes to decode next."""
+        n, V, rng, weighted = self.n, self.V, self.rng, self.weighted
+        crits, props = self.crits, self.props
+        nodes, pnode, status, logw = self.nodes, self.pnode, self.status, self.logw
+        result = self.result
+        live = np.flatnonzero(status == _LIVE)
+        self.step += 1
+        step = self.step
+        m = len(nodes)
+        row_of = np.fromiter((pnode[i].row for i in live), np.intp, live.size)
+        forced = np.fromiter((len(nd.tokens) >= self.max_tokens for nd in nodes), bool, m)
+        z = self.logits if self.temperature == 1.0 else self.logits / np.float32(self.temperature)
+        E, blocks, L, u_eos = _proposal_rows(z, W, self.eog)
+        # Draw every live particle's token from its prefix's proposal (index V = EOS).
+        tok = np.full(live.size, V, np.intp)
+        order = np.argsort(row_of, kind="stable")
+        bounds = np.searchsorted(row_of[order], np.arange(m + 1))
+        for r in range(m):
+            members = order[bounds[r]:bounds[r + 1]]
+            if members.size and not forced[r] and L[r] > -np.inf:
+                tok[members] = _draw(E[r], blocks[r], members.size, rng)
+        inc = np.where(forced[row_of], u_eos[row_of], L[row_of])
+        dead = inc == -np.inf
+        if weighted:
+            logw[live] += inc
+        # EOS: finish (critics: untwist, then their complete score).
+        is_eos = (tok == V) & ~dead
+        if is_eos.any():
+            ends = live[is_eos]
+            if weighted and crits:
+                rows_e = np.unique(row_of[is_eos])
+                comp = np.zeros(m)
+                for k, c in enumerate(crits):
+                    comp[rows_e] += c.batch_complete([nodes[r].cstates[k] for r in rows_e])
+                psi = np.fromiter((nd.psi for nd in nodes), np.float64, m)
+                logw[ends] += comp[row_of[is_eos]] - psi[row_of[is_eos]]
+            status[ends] = _FINISHED
+        # Tokens: one child node per distinct (prefix, token); critics re-twist.
+        grow = np.flatnonzero((tok < V) & ~dead)
+        children: list[_Node] = []
+        child_of = np.empty(grow.size, np.intp)
+        index: dict[tuple[int, int], int] = {}
+        for j, g in enumerate(grow):
+            key = (int(row_of[g]), int(tok[g]))
+            ci = index.get(key)
+            if ci is None:
+                parent = nodes[key[0]]
+                t = key[1]
+                child = _Node(parent.tokens + (t,), None,
+                              tuple(c.advance(s, t) for c, s in zip(crits, parent.cstates)))
+                child.row = key[0]  # parent row until the engine step
+                ci = index[key] = len(children)
+                children.append(child)
+            child_of[j] = ci
+        if crits and children:
+            psi_c = np.zeros(len(children))
+            for k, c in enumerate(crits):
+                psi_c += c.batch_prefix([ch.cstates[k] for ch in children])
+            for ch, v in zip(children, psi_c):
+                ch.psi = float(v)
+            if weighted:
+                parent_psi = np.fromiter((nodes[ch.row].psi for ch in children), np.float64, len(children))
+                logw[live[grow]] += (psi_c - parent_psi)[child_of]
+            killed = psi_c[child_of] == -np.inf
+            logw[live[grow[killed]]] = -np.inf
+            dead[grow[killed]] = True
+        for j, g in enumerate(grow):
+            pnode[live[g]] = children[child_of[j]]
+        if dead.any():
+            status[live[dead]] = _DEAD
+            logw[live[dead]] = -np.inf
+        # Weights: ESS, resampling (finished particles take part).
+        total = _logsumexp(logw)
+        ess = 0.0 if total == -math.inf else float(1.0 / np.sum(np.exp(2.0 * (logw - total))))
+        result.ess_trace.append(ess)
+        resampled = False
+        if (weighted and total > -math.inf and self.ess_threshold > 0 and ess < self.ess_threshold * n
+                and np.any(status == _LIVE)):
+            anc = resample(np.exp(logw - total), n, self.resampling, rng)
+            self.status = status = status[anc]
+            self.pnode = pnode = [pnode[a] for a in anc]
+            self.logw = np.full(n, total - math.log(n))
+            result.resample_steps.append(step)
+            resampled = True
+        # Engine: fork shared prefixes that drew different tokens, drop the ones nobody holds.
+        live = np.flatnonzero(status == _LIVE)
+        kids: list[_Node] = []
+        seen: set[int] = set()
+        for i in live:
+            nd = pnode[i]
+            if id(nd) not in seen:
+                seen.add(id(nd))
+                kids.append(nd)
+        for kid in kids:  # proposal states only for prefixes that go on
+            parent = nodes[kid.row]
+            kid.pstates = tuple(p.advance(s, kid.token) for p, s in zip(props, parent.pstates))
+        self.nodes = _assign_sequences(plan, nodes, kids, self.base)
+        self.kids = kids
+        self._info = (step, int(live.size), ess, resampled)
+        return kids
+
+    def absorb(self, logits: np.ndarray | None, on_step: Callable[[StepInfo], Any] | None) -> None:
+        """The engine's logits for the prefixes `propose` returned (in that order)."""
+        kids = self.kids
+        if kids:
+            self.logits = logits
+            self.result.engine_rows += len(kids)
+        for r, nd in enumerate(kids):
+            nd.row = r
+        if on_step is not None:
+            step, live, ess, resampled = self._info
+            on_step(StepInfo(step, live, ess, resampled, time.perf_counter() - self.t0, len(kids), self.index))
+
+    def _finish(self) -> None:
+        result, logw, status, pnode, n = self.result, self.logw, self.status, self.pnode, self.n
+        result.steps = self.step
+        if self.weighted:
+            result.log_ml = _logsumexp(logw) - math.log(n)
+        else:
+            result.log_ml = math.nan
+        if np.any(logw > -np.inf):
+            result.particles = [SMCParticle(list(pnode[i].tokens), self.text_of(pnode[i].tokens), float(logw[i]),
+                                            bool(status[i] == _FINISHED))
+                                for i in range(n) if logw[i] > -np.inf and status[i] != _DEAD]
+        else:
+            result.log_ml = -math.inf
+        result.wall_time = time.perf_counter() - self.t0
+        self.done = True
+        self.kids = []
+
+
+def _resolve_potentials(spec, i: int, what: str) -> list[Potential]:
+    """`proposal` / `critics` of smc_batch: potentials shared by every prompt, or `i -> potentials`."""
+    if callable(spec) and not isinstance(spec, Potential):
+        return _as_list(spec(i), f"{what} (built for prompt {i})")
+    return _as_list(spec, what)
+
+
+def _check_shared(pops: list[_Population]) -> None:
+    """A prompt-conditioned potential (set_prompt changes its scores) cannot serve two prompts at once."""
+    if len(pops) < 2:
+        return
+    owner: dict[int, int] = {}
+    for pop in pops:
+        for p in (*pop.props, *pop.crits):
+            for part in p.prompt_conditioned_parts():
+                first = owner.setdefault(id(part), pop.index)
+                if first != pop.index:
+                    raise KilnError(f"{type(part).__name__} conditions on the prompt (set_prompt), so one object "
+                                    f"cannot serve prompts {first} and {pop.index}: pass a callable "
+                                    "(i -> potentials) that builds each prompt's own")
+
+
+def _run(engine: Engine, prompts: Sequence[Sequence[int]], n: int, proposal, critics, ess_threshold: float,
+         max_tokens: int, resampling: str, temperature: float, seed, timeout: float | None,
+         on_step: Callable[[StepInfo], Any] | None, weighted: bool, overlap: bool = True) -> list[SMCResult]:
+    """SMC over one population per prompt; every step runs ONE engine.step over all populations'
+    live prefixes (population i holds sequences i·n .. i·n + n − 1)."""
     t0 = time.perf_counter()
-    prompt = [int(t) for t in prompt_ids]
-    props = _as_list(proposal, "proposal")
-    crits = _as_list(critics, "critics")
-    if n < 1:
-        raise KilnError(f"n_particles must be at least 1, got {n}")
-    if not 0.0 <= ess_threshold <= 1.0:
-        raise KilnError(f"ess_threshold must lie in [0, 1], got {ess_threshold}")
-    if max_tokens < 0:
-        raise KilnError(f"max_tokens must be >= 0, got {max_tokens}")
-    if not temperature > 0:
-        raise KilnError(f"temperature must be > 0, got {temperature}")
-    if resampling not in RESAMPLERS:
-        raise KilnError(f"unknown resampling scheme {resampling!r} (choose from {', '.join(RESAMPLERS)})")
-    if not prompt:
-        raise KilnError("smc needs a non-empty prompt (at least a BOS token)")
-    V = int(engine.vocab_size)
-    eog = np.array(sorted(i for i in engine.eog_ids if 0 <= i < V), dtype=np.intp)
-    if eog.size == 0:
-        raise KilnError("the engine reports no end-of-generation token: no string can end")
-    for p in (*props, *crits):
-        if p.vocab.size != V:
-            raise KilnError(f"{type(p).__name__} was built for a vocabulary of {p.vocab.size} tokens, the engine "
-                            f"has {V}: build potentials on Vocab.from_engine(engine)")
-    _check_engine(engine, n, len(prompt), max_tokens)
-    for p in (*props, *crits):
-        p.set_prompt(prompt)  # prompt-conditioned potentials (a reference critic) need it
-    rng = np.random.default_rng(seed)
     piece_cache: dict[int, bytes] = {}
 
     def text_of(tokens: Sequence[int]) -> str:
@@ -337,151 +570,87 @@ def _run(engine: Engine, prompt_ids: Sequence[int], n: int, proposal, critics, e
             parts.append(b)
         return b"".join(parts).decode("utf-8", errors="replace")
 
-    result = SMCResult([], -math.inf, n)
-    pool = ThreadPoolExecutor(1, thread_name_prefix="kiln-potentials") if props and overlap else None
-    pending = None
+    pops: list[_Population] = []
+    for i, prompt in enumerate(prompts):
+        props = _resolve_potentials(proposal, i, "proposal")
+        crits = _resolve_potentials(critics, i, "critics")
+        if i == 0 or seed is None:
+            rng = np.random.default_rng(seed)
+        else:
+            rng = np.random.default_rng([int(seed), i])
+        pops.append(_Population(engine, i, prompt, n, props, crits, ess_threshold, max_tokens, resampling,
+                                temperature, rng, weighted, text_of))
+    if not pops:
+        return []
+    _check_engine(engine, n, [len(p.prompt) for p in pops], max_tokens)
+    _check_shared(pops)
+    for pop in pops:
+        for p in (*pop.props, *pop.crits):
+            p.set_prompt(pop.prompt)  # prompt-conditioned potentials (a reference critic) need it
+    pool = (ThreadPoolExecutor(1, thread_name_prefix="kiln-potentials")
+            if overlap and any(pop.props for pop in pops) else None)
+    pending = None  # (populations, future of their next-step proposal weights)
     engine.reset()
     try:
-        logits = engine.prefill_prompt(prompt, seq=0)[None, :]
-        pstates = tuple(p.initial_state() for p in props)
-        cstates = tuple(c.initial_state() for c in crits)
-        psi0 = float(sum(c.prefix(s) for c, s in zip(crits, cstates)))
-        lw0 = float(sum(p.prefix(s) for p, s in zip(props, pstates))) + psi0
-        root = _Node((), pstates, cstates, psi0)
-        root.seq, root.row = 0, 0
-        nodes: list[_Node] = [root]
-        pnode: list[_Node] = [root] * n
-        status = np.full(n, _LIVE, np.int8)
-        logw = np.full(n, lw0 if weighted else 0.0)
-        if lw0 == -math.inf:
-            status[:] = _DEAD
-        step = 0
+        for i, pop in enumerate(pops):
+            # cells still needed after this prompt: later prompts and every particle's tail (an engine
+            # with a prompt cache evicts cached prompts to keep them free)
+            reserve = sum(len(p.prompt) for p in pops[i + 1:]) + len(pops) * n * max_tokens
+            pop.start(i * n, t0, reserve)
         while True:
-            live = np.flatnonzero(status == _LIVE)
-            if live.size == 0 or not np.any(logw > -np.inf):
+            timed_out = timeout is not None and time.perf_counter() - t0 > timeout
+            active = [pop for pop in pops if pop.active(timed_out)]
+            if not active:
                 break
-            if timeout is not None and time.perf_counter() - t0 > timeout:
-                result.timed_out = True
-                break
-            step += 1
-            m = len(nodes)
-            row_of = np.fromiter((pnode[i].row for i in live), np.intp, live.size)
-            forced = np.fromiter((len(nd.tokens) >= max_tokens for nd in nodes), bool, m)
-            W = pending.result() if pending is not None else _proposal_weights(props, nodes)
-            pending = None
-            z = logits if temperature == 1.0 else logits / np.float32(temperature)
-            E, blocks, L, u_eos = _proposal_rows(z, W, eog)
-            # Draw every live particle's token from its prefix's proposal (index V = EOS).
-            tok = np.full(live.size, V, np.intp)
-            order = np.argsort(row_of, kind="stable")
-            bounds = np.searchsorted(row_of[order], np.arange(m + 1))
-            for r in range(m):
-                members = order[bounds[r]:bounds[r + 1]]
-                if members.size and not forced[r] and L[r] > -np.inf:
-                    tok[members] = _draw(E[r], blocks[r], members.size, rng)
-            inc = np.where(forced[row_of], u_eos[row_of], L[row_of])
-            dead = inc == -np.inf
-            if weighted:
-                logw[live] += inc
-            # EOS: finish (critics: untwist, then their complete score).
-            is_eos = (tok == V) & ~dead
-            if is_eos.any():
-                ends = live[is_eos]
-                if weighted and crits:
-                    rows_e = np.unique(row_of[is_eos])
-                    comp = np.zeros(m)
-                    for k, c in enumerate(crits):
-                        comp[rows_e] += c.batch_complete([nodes[r].cstates[k] for r in rows_e])
-                    psi = np.fromiter((nd.psi for nd in nodes), np.float64, m)
-                    logw[ends] += comp[row_of[is_eos]] - psi[row_of[is_eos]]
-                status[ends] = _FINISHED
-            # Tokens: one child node per distinct (prefix, token); critics re-twist.
-            grow = np.flatnonzero((tok < V) & ~dead)
-            children: list[_Node] = []
-            child_of = np.empty(grow.size, np.intp)
-            index: dict[tuple[int, int], int] = {}
-            for j, g in enumerate(grow):
-                key = (int(row_of[g]), int(tok[g]))
-                ci = index.get(key)
-                if ci is None:
-                    parent = nodes[key[0]]
-                    t = key[1]
-                    child = _Node(parent.tokens + (t,), None,
-                                  tuple(c.advance(s, t) for c, s in zip(crits, parent.cstates)))
-                    child.row = key[0]  # parent row until the engine step
-                    ci = index[key] = len(children)
-                    children.append(child)
-                child_of[j] = ci
-            if crits and children:
-                psi_c = np.zeros(len(children))
-                for k, c in enumerate(crits):
-                    psi_c += c.batch_prefix([ch.cstates[k] for ch in children])
-                for ch, v in zip(children, psi_c):
-                    ch.psi = float(v)
-                if weighted:
-                    parent_psi = np.fromiter((nodes[ch.row].psi for ch in children), np.float64, len(children))
-                    logw[live[grow]] += (psi_c - parent_psi)[child_of]
-                killed = psi_c[child_of] == -np.inf
-                logw[live[grow[killed]]] = -np.inf
-                dead[grow[killed]] = True
-            for j, g in enumerate(grow):
-                pnode[live[g]] = children[child_of[j]]
-            if dead.any():
-                status[live[dead]] = _DEAD
-                logw[live[dead]] = -np.inf
-            # Weights: ESS, resampling (finished particles take part).
-            total = _logsumexp(logw)
-            ess = 0.0 if total == -math.inf else float(1.0 / np.sum(np.exp(2.0 * (logw - total))))
-            result.ess_trace.append(ess)
-            resampled = False
-            if (weighted and total > -math.inf and ess_threshold > 0 and ess < ess_threshold * n
-                    and np.any(status == _LIVE)):
-                anc = resample(np.exp(logw - total), n, resampling, rng)
-                status = status[anc]
-                pnode = [pnode[a] for a in anc]
-                logw = np.full(n, total - math.log(n))
-                result.resample_steps.append(step)
-                resampled = True
-            # Engine: fork shared prefixes that drew different tokens, drop the ones nobody holds.
-            live = np.flatnonzero(status == _LIVE)
-            kids: list[_Node] = []
-            seen: set[int] = set()
-            for i in live:
-                nd = pnode[i]
-                if id(nd) not in seen:
-                    seen.add(id(nd))
-                    kids.append(nd)
-            for kid in kids:  # proposal states only for prefixes that go on
-                parent = nodes[kid.row]
-                kid.pstates = tuple(p.advance(s, kid.token) for p, s in zip(props, parent.pstates))
-            nodes = _assign_sequences(engine, nodes, kids)
-            if pool is not None and kids:
+            weights: dict[int, np.ndarray | None] = {}
+            if pending is not None:
+                weights = dict(zip((id(p) for p in pending[0]), pending[1].result()))
+                pending = None
+            missing = [pop for pop in active if id(pop) not in weights]
+            if missing:
+                weights.update(zip((id(p) for p in missing), _batch_weights(missing, [p.nodes for p in missing])))
+            plan = _SeqPlan()
+            kids = [pop.propose(weights[id(pop)], plan) for pop in active]
+            plan.apply(engine)
+            stepping = [pop for pop, k in zip(active, kids) if k]
+            if pool is not None and stepping:
                 # next step's masks need only these prefixes: compute them while the engine decodes
-                pending = pool.submit(_proposal_weights, props, kids)
-            if kids:
-                logits = engine.step([nd.token for nd in kids], [nd.seq for nd in kids])
-                result.engine_rows += len(kids)
-            for r, nd in enumerate(kids):
-                nd.row = r
-            if on_step is not None:
-                on_step(StepInfo(step, int(live.size), ess, resampled, time.perf_counter() - t0, len(kids)))
-        result.steps = step
-        if weighted:
-            result.log_ml = _logsumexp(logw) - math.log(n)
-        else:
-            result.log_ml = math.nan
-        if np.any(logw > -np.inf):
-            result.particles = [SMCParticle(list(pnode[i].tokens), text_of(pnode[i].tokens), float(logw[i]),
-                                            bool(status[i] == _FINISHED))
-                                for i in range(n) if logw[i] > -np.inf and status[i] != _DEAD]
-        else:
-            result.log_ml = -math.inf
+                pending = (stepping, pool.submit(_batch_weights, stepping, [pop.kids for pop in stepping]))
+            logits = None
+            if stepping:
+                rows = [nd for k in kids for nd in k]
+                logits = engine.step([nd.token for nd in rows], [nd.seq for nd in rows])
+            at = 0
+            for pop, k in zip(active, kids):
+                pop.absorb(None if logits is None else logits[at:at + len(k)], on_step)
+                at += len(k)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         engine.reset()
-    result.wall_time = time.perf_counter() - t0
-    return result
+    return [pop.result for pop in pops]
+
+
+def _batch_weights(pops: list[_Population], node_lists: list[list[_Node]]) -> list[np.ndarray | None]:
+    """Next-token proposal weights for several populations' prefixes: populations that share their
+    proposal potentials (the same objects) are scored in one batched call."""
+    out: list[np.ndarray | None] = [None] * len(pops)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for j, pop in enumerate(pops):
+        if pop.props:
+            groups.setdefault(tuple(id(p) for p in pop.props), []).append(j)
+    for members in groups.values():
+        props = pops[members[0]].props
+        if len(members) == 1:
+            out[members[0]] = _proposal_weights(props, node_lists[members[0]])
+            continue
+        W = _proposal_weights(props, [nd for j in members for nd in node_lists[j]])
+        at = 0
+        for j in members:
+            k = len(node_lists[j])
+            out[j] = W[at:at + k]
+            at += k
+    return out
 
 
 def _proposal_weights(props: list[Potential], nodes: list[_Node]) -> np.ndarray | None:
@@ -496,23 +665,42 @@ def _proposal_weights(props: list[Potential], nodes: list[_Node]) -> np.ndarray 
     return W
 
 
-def _assign_sequences(engine: Engine, parents: list[_Node], kids: list[_Node]) -> list[_Node]:
+class _SeqPlan:
+    """Engine sequence operations of one step, gathered over populations (disjoint id ranges) and run
+    as: drops of prefixes nobody continues, ONE reorder, drops of the sources that moved."""
+
+    def __init__(self) -> None:
+        self.drop_first: list[int] = []
+        self.src: list[int] = []
+        self.dst: list[int] = []
+        self.drop_after: list[int] = []
+
+    def apply(self, engine: Engine) -> None:
+        for s in self.drop_first:
+            engine.drop_seq(s)
+        if self.src:
+            engine.reorder(self.src, self.dst)  # every destination is free: no spare ids needed
+        for s in self.drop_after:
+            engine.drop_seq(s)
+
+
+def _assign_sequences(plan: _SeqPlan, parents: list[_Node], kids: list[_Node], base: int = 0) -> list[_Node]:
     """Give each surviving child a sequence holding its parent's history (the child's own token is
-    fed by the next `engine.step`), using ids 0..len(kids)-1; parents nobody continues are dropped.
-    Children's `row` still names their parent's row here."""
+    fed by the next `engine.step`), using ids base..base+len(kids)-1; parents nobody continues are
+    dropped. Children's `row` still names their parent's row here. The engine calls go into `plan`."""
     m = len(kids)
     by_parent: dict[int, list[_Node]] = {}
     for kid in kids:
         by_parent.setdefault(kid.row, []).append(kid)
     for r, nd in enumerate(parents):
         if r not in by_parent:
-            engine.drop_seq(nd.seq)
+            plan.drop_first.append(nd.seq)
     used: set[int] = set()
     need: list[tuple[_Node, int]] = []
     moved: list[int] = []
     for r, group in by_parent.items():
         s = parents[r].seq
-        if s < m:
+        if base <= s < base + m:
             group[0].seq = s
             used.add(s)
             need.extend((kid, s) for kid in group[1:])
@@ -520,15 +708,12 @@ def _assign_sequences(engine: Engine, parents: list[_Node], kids: list[_Node]) -
             moved.append(s)
             need.extend((kid, s) for kid in group)
     if need:
-        free = iter(i for i in range(m) if i not in used)
-        src, dst = [], []
+        free = iter(i for i in range(base, base + m) if i not in used)
         for kid, s in need:
             kid.seq = next(free)
-            src.append(s)
-            dst.append(kid.seq)
-        engine.reorder(src, dst)  # every destination is free: no spare ids needed
-    for s in moved:
-        engine.drop_seq(s)
+            plan.src.append(s)
+            plan.dst.append(kid.seq)
+    plan.drop_after.extend(moved)
     return kids
 
 
@@ -559,9 +744,51 @@ def smc(engine: Engine, prompt_ids: Sequence[int], n_particles: int = 16, *,
 
     The engine is reset first and after (smc owns all its sequences while it runs) and needs
     n_seq_max >= n_particles and n_ctx >= len(prompt) + max_tokens (llama.cpp's single KV pool:
-    len(prompt) + n_particles · max_tokens).
+    len(prompt) + n_particles · max_tokens). Several prompts at once: `smc_batch`.
     """
-    return _run(engine, prompt_ids, int(n_particles), proposal, critics, float(ess_threshold), int(max_tokens),
+    return _run(engine, [prompt_ids], int(n_particles), _as_list(proposal, "proposal"),
+                _as_list(critics, "critics"), float(ess_threshold), int(max_tokens), resampling,
+                float(temperature), seed, timeout, on_step, weighted=True, overlap=overlap_potentials)[0]
+
+
+PotentialsFor = Callable[[int], "Potential | Sequence[Potential] | None"]
+
+
+def smc_batch(engine: Engine, prompts: Sequence[Sequence[int]], n_particles: int = 16, *,
+              proposal: Potential | Sequence[Potential] | PotentialsFor | None = None,
+              critics: Potential | Sequence[Potential] | PotentialsFor | None = None,
+              ess_threshold: float = 0.5, max_tokens: int = 64, resampling: str = "systematic",
+              temperature: float = 1.0, seed: int | None = None, timeout: float | None = None,
+              on_step: Callable[[StepInfo], Any] | None = None,
+              overlap_potentials: bool = True) -> list[SMCResult]:
+    """`smc` for several prompts at once: one population of `n_particles` per prompt, advanced
+    together so that every step runs ONE `engine.step` over the live prefixes of all populations
+    (a fuller batch: the per-decode overhead is paid once per step, not once per prompt). Returns
+    one `SMCResult` per prompt, in order; each population is exactly the `smc` run of its prompt
+    with its own random stream (population 0: `seed`, population i > 0: `np.random.default_rng([seed, i])`;
+    fresh entropy when seed is None), so `smc_batch(e, [p], seed=s)[0]` equals `smc(e, p, seed=s)`
+    on a batch-invariant engine.
+
+    * `proposal`, `critics`: potentials shared by every prompt (their states are per population
+      anyway), or a callable `i -> potentials` building prompt i's own. Prompt-conditioned potentials
+      (a `ReferenceCritic` without its own prompt: `set_prompt` changes its scores) need the callable
+      form; sharing one object between prompts is refused with a KilnError.
+    * `timeout` is global: every population still running stops at the same step boundary.
+    * `on_step` gets one `StepInfo` per population per step (`StepInfo.prompt` says which).
+    * `overlap_potentials`: all populations' next-step proposal weights are computed in one job on
+      the worker thread while the engine decodes (populations sharing the same proposal objects in
+      one batched `batch_logw_next` call).
+    * Each result has its own steps, wall_time (until that population finished), engine_rows, ESS trace.
+
+    The engine needs n_seq_max >= len(prompts) · n_particles (population i holds sequences
+    i·n_particles ..), n_ctx >= the longest prompt + max_tokens, and for llama.cpp's single KV pool
+    n_ctx >= sum of the prompt lengths + len(prompts) · n_particles · max_tokens.
+    """
+    prompts = None if isinstance(prompts, (str, bytes)) else list(prompts)
+    if prompts is None or any(isinstance(p, (int, np.integer, str, bytes)) for p in prompts):
+        raise KilnError("smc_batch takes a list of prompts, each a list of token ids (tokenize text first; "
+                        "for one prompt: smc, or smc_batch(engine, [prompt_ids]))")
+    return _run(engine, prompts, int(n_particles), proposal, critics, float(ess_threshold), int(max_tokens),
                 resampling, float(temperature), seed, timeout, on_step, weighted=True, overlap=overlap_potentials)
 
 
@@ -576,8 +803,8 @@ def locally_constrained(engine: Engine, prompt_ids: Sequence[int],
     `max_tokens` tokens EOS is taken if the proposal allows it, else the sample fails. Every
     returned particle has log_weight 0, so `posterior` is the empirical law of the samples,
     which is *not* the target p·Φ in general; log_ml is nan. Samples run batched like SMC particles."""
-    return _run(engine, prompt_ids, int(n_samples), proposal, None, 0.0, int(max_tokens), "multinomial",
-                float(temperature), seed, timeout, on_step, weighted=False)
+    return _run(engine, [prompt_ids], int(n_samples), _as_list(proposal, "proposal"), None, 0.0, int(max_tokens),
+                "multinomial", float(temperature), seed, timeout, on_step, weighted=False)[0]
 
 
 def total_variation(a: dict[str, float], b: dict[str, float]) -> float:
@@ -603,4 +830,5 @@ def pool_posteriors(posteriors: Sequence[dict[str, float]], log_ml: Sequence[flo
 
 
 __all__ = ["RESAMPLERS", "SMCParticle", "SMCResult", "StepInfo", "locally_constrained", "multinomial",
-           "pool_posteriors", "resample", "residual", "smc", "stratified", "systematic", "total_variation"]
+           "pool_posteriors", "resample", "residual", "smc", "smc_batch", "stratified", "systematic",
+           "total_variation"]

@@ -62,6 +62,9 @@ class Potential(ABC):
 
     #: True when prefix/complete only take the values 0 and −inf (a hard constraint).
     boolean: bool = False
+    #: True when `set_prompt` changes what the potential computes (a ReferenceCritic without its own
+    #: prompt): one object then serves one prompt at a time, so `smc_batch` needs one per prompt.
+    prompt_conditioned: bool = False
 
     def __init__(self, vocab: Vocab) -> None:
         self.vocab = vocab
@@ -113,6 +116,11 @@ class Potential(ABC):
         """Called by the sampler with the prompt's token ids before generating; potentials that
         condition on the prompt (ReferenceCritic) override it. Products and Scaled forward it."""
 
+    def prompt_conditioned_parts(self) -> list[Potential]:
+        """The objects inside this potential whose scores depend on `set_prompt` (itself, or factors of
+        a product): a sampler running several prompts must not share them between prompts."""
+        return [self] if self.prompt_conditioned else []
+
     def __mul__(self, other: Potential) -> Product:
         return Product([self, other])
 
@@ -133,6 +141,13 @@ class Product(Potential):
     def set_prompt(self, prompt_ids: Sequence[int]) -> None:
         for f in self.factors:
             f.set_prompt(prompt_ids)
+
+    @property
+    def prompt_conditioned(self) -> bool:  # type: ignore[override]
+        return any(f.prompt_conditioned for f in self.factors)
+
+    def prompt_conditioned_parts(self) -> list[Potential]:
+        return [part for f in self.factors for part in f.prompt_conditioned_parts()]
 
     def initial_state(self) -> State:
         return tuple(f.initial_state() for f in self.factors)
@@ -202,6 +217,13 @@ class Scaled(Potential):
 
     def set_prompt(self, prompt_ids: Sequence[int]) -> None:
         self.potential.set_prompt(prompt_ids)
+
+    @property
+    def prompt_conditioned(self) -> bool:  # type: ignore[override]
+        return self.potential.prompt_conditioned
+
+    def prompt_conditioned_parts(self) -> list[Potential]:
+        return self.potential.prompt_conditioned_parts()
 
     def initial_state(self) -> State:
         return self.potential.initial_state()

@@ -103,6 +103,12 @@ class ReferenceCritic(Potential):
             self.condition_on(prompt)
 
     # --- prompt ----------------------------------------------------------------------------------
+    @property
+    def prompt_conditioned(self) -> bool:  # type: ignore[override]
+        """True unless built with its own `prompt`: `set_prompt` then re-conditions it (and invalidates
+        its states), so one critic cannot serve several prompts at once (smc_batch wants one per prompt)."""
+        return not self.own_prompt
+
     def set_prompt(self, prompt_ids: Sequence[int]) -> None:
         """The sampler's hook: condition on the generation prompt, unless this critic was built
         with its own `prompt` (prompt intersection: p_ref conditioned on a different prompt)."""
