@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from kiln.checkpoint import load_checkpoint  # noqa: E402
 from kiln.checkpoint.gptq import GPTQLinear, pack_linear, pack_rows, unpack_linear, unpack_rows  # noqa: E402
 from kiln.compress.gptq import GPTQOptions, gptq_config, gptq_linear, quantize_model, write_gptq_checkpoint  # noqa: E402
-from kiln.compress.gptq_grid import Grid, choose_grid, grid_params, quantize_values  # noqa: E402
+from kiln.compress.gptq_grid import Grid, choose_grid, grid_params, quantize_values, search_params  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
 from kiln.evaluate import heldout_text  # noqa: E402
 
@@ -86,6 +86,25 @@ def test_grid_values_are_exact_in_both_formats(grid: str) -> None:
         i = w.abs().argmax(dim=1)
         assert torch.equal(deq[torch.arange(16), i], w[torch.arange(16), i].half().float()) or True
         assert torch.all(q[torch.arange(16), i] == 0)
+
+
+@pytest.mark.parametrize("grid", ["q4_0", "q8_0", "sym"])
+def test_scale_search_stays_on_the_grid_and_never_loses(grid: str) -> None:
+    """search_params: float16 scales, codes in range, Q4_0's sign convention kept, and the importance-weighted
+    error at most the max-magnitude rule's (that rule is always a candidate)."""
+    torch.manual_seed(1)
+    g = Grid(grid, 8 if grid == "q8_0" else 4)
+    w = torch.randn(64, 32) * 0.05
+    imp = torch.rand(32) * 3 + 0.1
+    s0, z0 = grid_params(w, g)
+    s1, z1 = search_params(w, g, imp)
+    assert torch.equal(s1, s1.half().float()) and torch.equal(z0, z1)
+    if grid == "q4_0":
+        assert torch.all(torch.sign(s1) == torch.sign(s0))
+    e = lambda s: ((w - quantize_values(w, s, z0, g)[1]) ** 2 * imp).sum(dim=1)  # noqa: E731
+    assert torch.all(e(s1) <= e(s0) + 1e-12)
+    assert float(e(s1).sum()) < 0.97 * float(e(s0).sum())  # it finds better scales for most groups
+    assert torch.equal(search_params(w, Grid("q4_1", 4), imp)[0], grid_params(w, Grid("q4_1", 4))[0])
 
 
 def test_gptq_beats_round_to_nearest_on_correlated_inputs() -> None:

@@ -259,7 +259,12 @@ def quantize() -> None:
               help="32 = GGUF's block: the result exports to GGUF q4_0/q4_1/q8_0 bit for bit.")
 @click.option("--sym/--asym", default=True, show_default=True,
               help="Symmetric (GGUF q4_0/q8_0) or with zero points (q4_1).")
-@click.option("--act-order", is_flag=True, help="Quantize columns by decreasing Hessian diagonal (static groups).")
+@click.option("--act-order", is_flag=True,
+              help="Quantize columns by decreasing Hessian diagonal (static groups); recommended: on SmolLM2 "
+                   "it lowers q4_0's mean KL from 0.55 to 0.43.")
+@click.option("--scale-search/--no-scale-search", default=True, show_default=True,
+              help="Symmetric grids: choose each group's scale by importance-weighted (diag H) rounding error "
+                   "instead of max-magnitude; the stored layout is unchanged.")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text (default: the one kiln ships).")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration chunk.")
 @click.option("--samples", type=int, default=128, show_default=True, help="At most this many chunks.")
@@ -267,7 +272,7 @@ def quantize() -> None:
 @click.option("--threads", type=int, default=0)
 @click.option("--json", "as_json", is_flag=True)
 def quantize_gptq_cmd(src: Path, out: Path, bits: str, group_size: str, sym: bool, act_order: bool,
-                      calib: Path | None, seq_len: int, samples: int, damp: float, threads: int, as_json: bool) -> None:
+                      scale_search: bool, calib: Path | None, seq_len: int, samples: int, damp: float, threads: int, as_json: bool) -> None:
     """GPTQ (Frantar et al. 2022) on the CPU, written in the auto-gptq/GPTQModel checkpoint format.
 
     With --group-size 32 the weights are rounded onto GGUF's own block grid, so
@@ -285,7 +290,7 @@ def quantize_gptq_cmd(src: Path, out: Path, bits: str, group_size: str, sym: boo
 
     text = _read_text(calib, "calibration text", calibration_text)
     opts = GPTQOptions(bits=int(bits), group_size=int(group_size), sym=sym, act_order=act_order, damp=damp,
-                       seq_len=seq_len, samples=samples)
+                       seq_len=seq_len, samples=samples, scale_search=scale_search)
     with _progress(not as_json) as update:
         report = quantize_gptq(src, out, text, opts, threads=threads or None, progress=update)
     if as_json:

@@ -43,6 +43,7 @@ class GPTQConfig:
     true_sequential: bool = True
     grid: str | None = None  # kiln's GGUF grid (q4_0/q4_1/q8_0) when quantized onto one
     act_order: bool = False  # kiln quantized in act-order (with static groups, so g_idx is trivial)
+    scale_search: bool = False  # kiln chose group scales by importance-weighted error (layout unchanged)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -55,6 +56,8 @@ class GPTQConfig:
             out["kiln_grid"] = self.grid
         if self.act_order:
             out["kiln_act_order"] = True
+        if self.scale_search:
+            out["kiln_scale_search"] = True
         return out
 
 
@@ -83,7 +86,8 @@ def read_gptq_config(directory: Path, config: dict[str, Any]) -> GPTQConfig | No
                       static_groups=bool(q.get("static_groups", False)),
                       damp_percent=float(q.get("damp_percent", 0.01)),
                       true_sequential=bool(q.get("true_sequential", True)), grid=q.get("kiln_grid"),
-                      act_order=bool(q.get("kiln_act_order", False)))
+                      act_order=bool(q.get("kiln_act_order", False)),
+                      scale_search=bool(q.get("kiln_scale_search", False)))
 
 
 @dataclass

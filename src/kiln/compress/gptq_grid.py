@@ -91,6 +91,51 @@ def grid_params(w, grid: Grid):
     return scale, zero
 
 
+SEARCH_FACTORS = tuple(1.0 - 0.02 * k for k in range(-3, 13))  # 1.06 .. 0.76 of the max-magnitude scale
+
+
+def search_params(w, grid: Grid, importance=None):
+    """Symmetric grids only: the per-row scale, among candidates, that minimises the importance-weighted
+    squared rounding error Σ_j imp_j (w_ij − s·q_ij)² of the group (zero unchanged).
+
+    The max-magnitude rule (`grid_params`) makes the largest weight exact and wastes resolution on
+    the rest; like llama.cpp's `make_qx_quants` with an imatrix, each candidate shrinks (or stretches)
+    that scale, its codes are re-fitted by least squares (s = Σ imp·w·q / Σ imp·q²), the result is
+    rounded to float16 (what the file stores) and scored with codes re-chosen for it. `importance`
+    [cols] is GPTQ's diag(H): the input channels' mean squared activations. The grid and the stored
+    layout are unchanged (GGUF Q4_0/Q8_0 blocks stay exact); only the choice of d differs."""
+    import torch
+
+    scale0, zero = grid_params(w, grid)
+    if grid.name not in ("q4_0", "q8_0", "sym"):
+        return scale0, zero
+    imp = torch.ones(w.shape[1]) if importance is None else importance.to(torch.float32)
+    imp = imp[None, :]
+    lo = -zero[:, None]
+    hi = grid.maxq - zero[:, None]
+
+    def err_of(scale):
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)[:, None]
+        q = torch.clamp(torch.round(w / safe), lo, hi)
+        return (imp * (w - safe * q) ** 2).sum(dim=1), q
+
+    best, _ = err_of(scale0)
+    best_scale = scale0.clone()
+    for f in SEARCH_FACTORS:
+        _, q = err_of(scale0 * f)
+        num = (imp * w * q).sum(dim=1)
+        den = (imp * q * q).sum(dim=1)
+        fitted = _f16(torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), scale0))
+        for cand in (_f16(scale0 * f), fitted):
+            if grid.name == "q4_0":  # keep Q4_0's sign convention: d carries the sign of the largest weight
+                cand = torch.where(torch.sign(cand) == torch.sign(scale0), cand, scale0)
+            e, _ = err_of(cand)
+            better = (e < best) & (cand != 0)
+            best = torch.where(better, e, best)
+            best_scale = torch.where(better, cand, best_scale)
+    return best_scale, zero
+
+
 def quantize_values(w, scale, zero, grid: Grid):
     """(codes, dequantized values) of `w` [rows] or [rows, cols] on the per-row grid."""
     import torch

@@ -76,6 +76,7 @@ class GPTQ(Strict):
     sym: bool = True
     act_order: bool = False
     damp: float = Field(default=0.01, gt=0, lt=1)
+    scale_search: bool = True  # importance-weighted choice of each group's scale (kiln quantize gptq --scale-search)
     samples: int = Field(default=128, gt=0)
     seq_len: int = Field(default=512, ge=16)
     gguf: GGUFTypes = Field(default_factory=list)  # GGUF types of the GPTQ checkpoint (q4_0/q4_1/q8_0: bit-exact)
