@@ -38,8 +38,11 @@ Part B, posterior quality vs wall time on an enumerable target:
                float32 transformers backend, same prompt ids, temperature 1, same ess_threshold and
                resampling, max_tokens=9 (genlm counts the final EOS), same N and replicates.
   Metrics: per-run TV to the exact target averaged over replicates (the quality of ONE posterior),
-  TV of the pooled (averaged) posterior, median wall time per posterior (prompt prefill included on
-  both sides; listed apart too).
+  TV of the pooled (averaged) posterior, median wall time per posterior. Two prompt regimes: warm
+  (the default rows: kiln's engine keeps its prompt cache between runs, genlm caches the prompt KV
+  before the timed region, as a service sampling repeatedly from one prompt does) and cold (rows
+  ending in -cold, kiln SMC and genlm AWRS only: both pay the prompt inside every timed run;
+  prompt time listed apart).
 
 genlm-control is installed into ${KILN_CACHE:-~/.cache/kiln}/venvs/genlm (torch==2.13.0 CPU first,
 then the `bench` extra's pin from pyproject.toml), never into kiln's venv; if that fails, the report
@@ -599,8 +602,8 @@ class GenlmWorker:
             raise RuntimeError(f"genlm worker exited (code {self.proc.poll()})")
         return json.loads(line)
 
-    def run(self, sampler: str, n: int, seeds: list[int]) -> list[dict]:
-        out = self._ask({"run": {"sampler": sampler, "n": n, "seeds": seeds}})
+    def run(self, sampler: str, n: int, seeds: list[int], warm_prompt: bool = False) -> list[dict]:
+        out = self._ask({"run": {"sampler": sampler, "n": n, "seeds": seeds, "warm_prompt": warm_prompt}})
         if "error" in out:
             raise RuntimeError(out["error"])
         return out["reps"]
@@ -714,10 +717,12 @@ def part_b(args, gguf: Path, smol: Path) -> dict:
         reps = []
         for seed in seeds:
             pot = Regex(evocab, TV_REGEX)  # a fresh potential per run (no memoized masks carried over)
+            if kind.endswith("-cold"):
+                engine.clear_prompt_cache()  # not timed: the run then prefills its prompt
             before = prefill_t.total.get("prefill", 0.0)
             t0 = time.perf_counter()
-            if kind in ("kiln-smc", "kiln-smc-f32"):
-                res = smc(engine if kind == "kiln-smc" else ref, prompt, n, proposal=pot, ess_threshold=args.ess,
+            if kind in ("kiln-smc", "kiln-smc-cold", "kiln-smc-f32"):
+                res = smc(ref if kind == "kiln-smc-f32" else engine, prompt, n, proposal=pot, ess_threshold=args.ess,
                           max_tokens=args.max_tokens, resampling="systematic", seed=seed)
             else:
                 res = locally_constrained(engine, prompt, pot, n, max_tokens=args.max_tokens, seed=seed)
@@ -727,8 +732,15 @@ def part_b(args, gguf: Path, smol: Path) -> dict:
                          "engine_rows": res.engine_rows})
         return reps
 
+    # warm: kiln's engine keeps its prompt cache between runs and genlm caches the prompt KV before the
+    # timed region (a service sampling repeatedly from one prompt); cold (-cold): both pay the prompt
+    cold = ["kiln-smc-cold"] + [f"genlm-{s}-cold" for s in samplers[:1]] if args.cold_prompt else []
     methods = (["kiln-smc", "kiln-lcd"] + (["kiln-smc-f32"] if ref is not None and not args.no_f32 else [])
-               + [f"genlm-{s}" for s in samplers])
+               + [f"genlm-{s}" for s in samplers] + cold)
+    out["prompt_modes"] = {"warm": "kiln's prompt cache kept between runs (kiln.runtime engine prefill_prompt); "
+                                   "genlm's prompt KV cached before the timed region",
+                           "cold": "methods ending in -cold: kiln's prompt cache cleared and genlm's prompt KV "
+                                   "computed inside the timed region"}
     try:
         warm = kiln_runs("kiln-smc", ns[0], [424242])  # page in, warm caches (not reported)
         del warm
@@ -740,7 +752,8 @@ def part_b(args, gguf: Path, smol: Path) -> dict:
                 for m in order:
                     if m.startswith("genlm-"):
                         try:
-                            reps = worker.run(m[len("genlm-"):], n, block)
+                            reps = worker.run(m[len("genlm-"):].removesuffix("-cold"), n, block,
+                                              warm_prompt=not m.endswith("-cold"))
                         except Exception as exc:  # noqa: BLE001
                             genlm_info.setdefault("run_errors", []).append(f"{m} N={n}: {exc}")
                             log(f"  {m} N={n} failed: {exc}")
@@ -793,6 +806,90 @@ def part_b(args, gguf: Path, smol: Path) -> dict:
     return out
 
 
+# --- part C: several prompts at once ---------------------------------------------------------------
+
+BATCH_SUBJECTS = ("an old lighthouse keeper", "a young baker in Lyon", "a robot that learns to paint",
+                  "two sisters crossing a desert", "a lost dog in Tokyo", "a chess player on a train",
+                  "a beekeeper's first winter", "a pilot over the Andes")
+
+
+def part_c(args, gguf: Path) -> dict:
+    """P prompts x N particles: smc_batch (one engine.step per SMC step for all prompts) against the same
+    P smc calls one after another, on one engine, alternating order (ABBA), medians over rounds."""
+    from kiln.runtime.llamacpp import LlamaCppEngine
+    from kiln.runtime.potentials import Length, Regex, Vocab
+    from kiln.runtime.smc import smc, smc_batch
+
+    S, T, P = args.steps, args.threads, args.batch_prompts
+    out: dict = {"prompts": P, "steps": S, "n": args.batch_n, "rounds": args.rounds, "threads": T,
+                 "potentials": [f"Regex({STEP_REGEX!r})", f"Length(target={S}, tokens, hard)"],
+                 "ess_threshold": 1.0, "rows": []}
+    probe = LlamaCppEngine(gguf, n_ctx=512, n_seq_max=1, threads=T)
+    try:
+        prompts = [chat_prompt(probe, f"Write a long story about {BATCH_SUBJECTS[i % len(BATCH_SUBJECTS)]}.")[1]
+                   for i in range(P)]
+    finally:
+        probe.close()
+    out["prompt_tokens"] = [len(p) for p in prompts]
+    log(f"part C: {P} prompts x N={args.batch_n}, S={S} steps, {args.rounds} round(s): smc_batch vs {P} smc calls")
+    for n in args.batch_n:
+        ctx = -(-(sum(len(p) for p in prompts) + P * n * (S + 1) + 64) // 256) * 256
+        engine = LlamaCppEngine(gguf, n_ctx=ctx, n_seq_max=P * n, threads=T, prompt_cache=P)
+        vocab = Vocab.from_engine(engine)
+
+        def pots(_i: int = 0) -> list:
+            return [Regex(vocab, STEP_REGEX), Length(vocab, target=S)]
+
+        def counting(run):
+            """(wall s, engine.step calls, engine rows) of run() -> results."""
+            calls = [0]
+            step = engine.step
+
+            def counted(tokens, seqs):
+                calls[0] += 1
+                return step(tokens, seqs)
+
+            engine.step = counted  # an instance attribute over the method, removed below
+            try:
+                t0 = time.perf_counter()
+                rs = run()
+                wall = time.perf_counter() - t0
+            finally:
+                del engine.step
+            return wall, calls[0], sum(r.engine_rows for r in rs)
+
+        def sequential(seed: int) -> tuple[float, int, int]:
+            return counting(lambda: [smc(engine, p, n, proposal=pots(), ess_threshold=1.0, max_tokens=S, seed=seed + i)
+                                     for i, p in enumerate(prompts)])
+
+        def batched(seed: int) -> tuple[float, int, int]:
+            return counting(lambda: smc_batch(engine, prompts, n, proposal=pots, ess_threshold=1.0, max_tokens=S,
+                                              seed=seed))
+
+        try:
+            sequential(7)
+            batched(7)  # warm-up: prompt cache filled, pages in (not reported)
+            seq_t, bat_t, info = [], [], {}
+            for r in range(args.rounds):
+                order = (sequential, batched) if r % 2 == 0 else (batched, sequential)
+                for fn in order:
+                    wall, steps, rows = fn(100 + r)
+                    (seq_t if fn is sequential else bat_t).append(wall)
+                    info[fn.__name__] = {"engine_steps": steps, "engine_rows": rows}
+            row = {"n": n, "sequential_s": med(seq_t), "batched_s": med(bat_t),
+                   "speedup": med(seq_t) / med(bat_t), "sequential_runs_s": seq_t, "batched_runs_s": bat_t,
+                   "sequential_engine_steps": info["sequential"]["engine_steps"],
+                   "batched_engine_steps": info["batched"]["engine_steps"],
+                   "sequential_engine_rows": info["sequential"]["engine_rows"],
+                   "batched_engine_rows": info["batched"]["engine_rows"]}
+            out["rows"].append(row)
+            log(f"  N={n}: {P} smc calls {row['sequential_s']:.2f} s, smc_batch {row['batched_s']:.2f} s "
+                f"({row['speedup']:.2f}x)")
+        finally:
+            engine.close()
+    return out
+
+
 # --- verdicts, report -----------------------------------------------------------------------------
 
 def verdicts(report: dict) -> dict:
@@ -808,12 +905,14 @@ def verdicts(report: dict) -> dict:
     if b and b.get("table"):
         rows = {(r["method"], r["n"]): r for r in b["table"]}
         out = []
-        for s in ("awrs", "direct"):
+        for s, suffix in (("awrs", ""), ("direct", ""), ("awrs", "-cold")):
             for n in b["n"]:
-                k, g, kf = rows.get(("kiln-smc", n)), rows.get((f"genlm-{s}", n)), rows.get(("kiln-smc-f32", n))
+                k, g, kf = (rows.get((f"kiln-smc{suffix}", n)), rows.get((f"genlm-{s}{suffix}", n)),
+                            rows.get(("kiln-smc-f32", n)))
                 if not k or not g:
                     continue
-                item = {"genlm_sampler": s, "n": n, "speedup": g["wall_s_median"] / k["wall_s_median"],
+                item = {"genlm_sampler": s, "prompt": "cold" if suffix else "warm", "n": n,
+                        "speedup": g["wall_s_median"] / k["wall_s_median"],
                         "speedup_excluding_prompt": g["sampling_s_median"] / k["sampling_s_median"]}
                 bases = (("float32", k, "float32/bytes", "float32/bytes"),  # the brief's basis: the float model's target
                          ("own", k, "q4_k_m/regex", "float32/bytes"),
@@ -828,7 +927,8 @@ def verdicts(report: dict) -> dict:
                 out.append(item)
         v["vs_genlm"] = {"goal": "kiln >= 5x faster per posterior at equal or better TV",
                          "basis": "speed: kiln's product path (q4_k_m, llama.cpp) vs genlm (float32, transformers), "
-                                  "median wall per posterior incl. the prompt; TV: mean per-run TV to the float32 "
+                                  "median wall per posterior incl. the prompt, with a warm prompt cache on both "
+                                  "sides (and cold, -cold rows); TV: mean per-run TV to the float32 "
                                   "model's exact target for both, equal or better = kiln <= genlm + 2 se of the "
                                   "difference", "rows": out}
     return v
@@ -952,18 +1052,23 @@ def render_md(rep: dict) -> str:
               "| TV float32: pooled | wall s / posterior (median) | prompt s | sampling s | genlm ÷ kiln time "
               "| same, excl. prompt |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        kwall = {r["n"]: r["wall_s_median"] for r in b["table"] if r["method"] == "kiln-smc"}
-        ksamp = {r["n"]: r["sampling_s_median"] for r in b["table"] if r["method"] == "kiln-smc"}
+        kwall = {(r["n"], r["method"].endswith("-cold")): r["wall_s_median"] for r in b["table"]
+                 if r["method"] in ("kiln-smc", "kiln-smc-cold")}
+        ksamp = {(r["n"], r["method"].endswith("-cold")): r["sampling_s_median"] for r in b["table"]
+                 if r["method"] in ("kiln-smc", "kiln-smc-cold")}
+        labels = {"kiln-smc": "kiln SMC (q4_k_m, llama.cpp)", "kiln-lcd": "kiln LCD, mask only (q4_k_m)",
+                  "kiln-smc-f32": "kiln SMC on the float32 reference engine*", "genlm-awrs": "genlm AWRS (float32)",
+                  "genlm-direct": "genlm direct, exact mask (float32)"}
         for r in b["table"]:
             own = r["tv"].get(r["model_target"])
             f32 = r["tv"].get("float32/bytes")
-            ratio = r["wall_s_median"] / kwall[r["n"]] if r["method"].startswith("genlm") and r["n"] in kwall else None
+            key = (r["n"], r["method"].endswith("-cold"))
+            ratio = r["wall_s_median"] / kwall[key] if r["method"].startswith("genlm") and key in kwall else None
             own_s = f"{own['mean']:.3f} ± {1.96 * own['se']:.3f}" if own else "–"
             f32_s = f"{f32['mean']:.3f} ± {1.96 * f32['se']:.3f}" if f32 else "–"
-            ratio2 = r["sampling_s_median"] / ksamp[r["n"]] if ratio else None
-            label = {"kiln-smc": "kiln SMC (q4_k_m, llama.cpp)", "kiln-lcd": "kiln LCD, mask only (q4_k_m)",
-                     "kiln-smc-f32": "kiln SMC on the float32 reference engine*", "genlm-awrs": "genlm AWRS (float32)",
-                     "genlm-direct": "genlm direct, exact mask (float32)"}.get(r["method"], r["method"])
+            ratio2 = r["sampling_s_median"] / ksamp[key] if ratio else None
+            base = r["method"].removesuffix("-cold")
+            label = labels.get(base, base) + (", cold prompt" if r["method"].endswith("-cold") else "")
             L.append(f"| {label} | {r['n']} | {r['runs']} | {own_s} | {fmt(own['pooled'] if own else None, 3)} | "
                      f"{fmt(own.get('z_pooled') if own else None, 3)} | {f32_s} | {fmt(f32['pooled'] if f32 else None, 3)} | {r['wall_s_median']:.3f} | "
                      f"{r['prompt_s_median']:.3f} | {r['sampling_s_median']:.3f} | {fmt(ratio, 2) if ratio else '–'} | "
@@ -986,6 +1091,20 @@ def render_md(rep: dict) -> str:
                   f"{st.get('batch_size')}, timeout {st.get('batch_timeout_s')} s; prompt ids identical to the HF "
                   f"tokenizer's: {st.get('prompt_ids_match_hf_tokenizer')}; coerced FSA vocabulary "
                   f"{st.get('coerced_fsa_vocab')} tokens.", ""]
+    c = rep.get("part_c")
+    if c and c.get("rows"):
+        L += ["", f"## Part C: several prompts at once ({c['prompts']} prompts, {c['steps']} steps each)", "",
+              f"`smc_batch` over {c['prompts']} chat prompts (story requests; {', '.join(map(str, c['prompt_tokens']))} "
+              f"tokens) against the same {c['prompts']} `smc` calls one after another, on one engine with a warm "
+              f"prompt cache; potentials {', '.join(c['potentials'])}, resampling every step; median over "
+              f"{c['rounds']} round(s), order alternating.", "",
+              "| N per prompt | one after another s | smc_batch s | speedup | engine steps (seq. / batch) "
+              "| engine rows (seq. / batch) |", "|---:|---:|---:|---:|---:|---:|"]
+        for r in c["rows"]:
+            L.append(f"| {r['n']} | {r['sequential_s']:.3f} | {r['batched_s']:.3f} | {r['speedup']:.2f}× | "
+                     f"{r['sequential_engine_steps']} / {r['batched_engine_steps']} | "
+                     f"{r['sequential_engine_rows']} / {r['batched_engine_rows']} |")
+        L.append("")
     v = rep.get("verdicts", {})
     if v:
         L += ["## Goals", ""]
@@ -998,7 +1117,8 @@ def render_md(rep: dict) -> str:
             L.append(f"- kiln ≥ 5× faster than genlm-control at equal or better TV (basis: {g['basis']}):")
             for it in g["rows"]:
                 f32, own, same = it.get("float32", {}), it.get("own", {}), it.get("same_model", {})
-                line = (f"  - genlm {it['genlm_sampler']}, N={it['n']}: **{'met' if it['met'] else 'not met'}** — "
+                line = (f"  - genlm {it['genlm_sampler']}, {it.get('prompt', 'cold')} prompt, N={it['n']}: "
+                        f"**{'met' if it['met'] else 'not met'}** — "
                         f"{it['speedup']:.2f}× faster per posterior ({it['speedup_excluding_prompt']:.2f}× excluding the "
                         f"prompt); TV to the float32 target {fmt(f32.get('kiln_tv'), 3)} (kiln) vs "
                         f"{fmt(f32.get('genlm_tv'), 3)} (genlm), noise ±{fmt(f32.get('noise_2se'), 3)}")
@@ -1104,6 +1224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--genlm-samplers", default="awrs,direct",
                     help="genlm-control token samplers for part B: awrs, direct, or both (default awrs,direct)")
     ap.add_argument("--no-genlm", action="store_true", help="skip genlm-control")
+    ap.add_argument("--no-cold-prompt", dest="cold_prompt", action="store_false",
+                    help="skip the cold-prompt rows (kiln SMC and genlm AWRS paying the prompt in every run)")
     ap.add_argument("--no-genlm-install", action="store_true", help="do not create the genlm venv if it is missing")
     ap.add_argument("--genlm-venv", type=Path, default=None,
                     help="genlm-control venv (default ${KILN_CACHE:-~/.cache/kiln}/venvs/genlm)")
@@ -1112,6 +1234,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip kiln SMC on the float32 reference engine (the same-model TV comparison with genlm)")
     ap.add_argument("--skip-steps", action="store_true", help="skip part A")
     ap.add_argument("--skip-tv", action="store_true", help="skip part B")
+    ap.add_argument("--skip-batch", action="store_true", help="skip part C (several prompts at once)")
+    ap.add_argument("--batch-prompts", type=int, default=4, help="prompts of part C (default 4)")
+    ap.add_argument("--batch-n", type=ints, default=[1, 4, 16], help="particle counts of part C (default 1,4,16)")
     ap.add_argument("--artifact", type=Path, help="an existing SmolLM2 q4_k_m GGUF (default: exported once into "
                                                   "bench/results/artifacts/)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="output directory (default bench/results)")
@@ -1122,6 +1247,7 @@ def main(argv: list[str] | None = None) -> int:
         args.step_n = [n for n in args.step_n if n <= 16] or [1, 4, 16]
         args.tv_n = [n for n in args.tv_n if n <= 16] or [4, 16]
         args.replicates = min(args.replicates, 5)
+        args.batch_n = [n for n in args.batch_n if n <= 4] or [1, 4]
         args.genlm_samplers = "awrs" if args.genlm_samplers == "awrs,direct" else args.genlm_samplers
     args.genlm_samplers = [s.strip() for s in args.genlm_samplers.split(",") if s.strip()]
     bad = [s for s in args.genlm_samplers if s not in ("awrs", "direct")]
@@ -1150,6 +1276,8 @@ def main(argv: list[str] | None = None) -> int:
         rep["part_a"] = part_a(args, gguf)
     if not args.skip_tv:
         rep["part_b"] = part_b(args, gguf, smol)
+    if not args.skip_batch:
+        rep["part_c"] = part_c(args, gguf)
     rep["load_end"] = loadavg()
     rep["total_s"] = round(time.perf_counter() - t_start, 1)
     rep["verdicts"] = verdicts(rep)

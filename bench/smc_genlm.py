@@ -7,7 +7,8 @@ long-lived subprocess of bench/smc.py, which interleaves its kiln runs with this
 
 Protocol: JSON lines. stdin line 1 is the setup; the reply is {"ready": true, "settings": ...,
 "versions": ...} (or {"error": ...}). Each further line {"run": {"sampler": "awrs"|"direct", "n": N,
-"seeds": [...]}} gets {"reps": [{"seed", "wall_s", "prompt_s", "posterior", "log_ml", "ess"}, ...]}.
+"seeds": [...], "warm_prompt": bool}} gets {"reps": [{"seed", "wall_s", "prompt_s", "posterior", "log_ml",
+"ess"}, ...]}.
 {"quit": true} ends it. Library output goes to stderr; stdout carries only the protocol.
 
 Setup keys: model (HF checkpoint dir), prompt_ids, regex, eos (token texts whose probabilities make
@@ -23,8 +24,10 @@ Samplers:
   local normalizer (the AWRS paper's "twisted SMC" baseline) — the same proposal kiln uses.
 
 Per run: the LM's token-trie cache of log-probs and the FSA's cache are cleared (not timed, so no
-run reuses another's work); the timed region caches the prompt's KV (`llm.model.cache_kv`, the
-counterpart of kiln's prefill, timed separately as prompt_s as well) and runs `sampler.smc(...)`.
+run reuses another's work); then the prompt's KV is cached (`llm.model.cache_kv`, the counterpart
+of kiln's prefill): inside the timed region (timed separately as prompt_s as well) by default, or
+before it with "warm_prompt" (the counterpart of kiln's prompt cache hit: a service that samples
+repeatedly from one prompt keeps its KV); then the timed `sampler.smc(...)`.
 """
 
 from __future__ import annotations
@@ -127,7 +130,7 @@ class Worker:
             self.samplers[kind] = s
         return s
 
-    async def run(self, kind: str, n: int, seeds: list[int]) -> list[dict]:
+    async def run(self, kind: str, n: int, seeds: list[int], warm_prompt: bool = False) -> list[dict]:
         np, torch = self.np, self.torch
         sampler = self.sampler(kind)
         s = self.setup
@@ -139,8 +142,11 @@ class Worker:
                 sampler.rng = np.random.default_rng(seed)
             self.llm.model.clear_cache()  # log-prob trie: otherwise later runs reuse earlier runs' forwards
             self.fsa.clear_cache()
+            if warm_prompt:
+                self.llm.model.cache_kv(self.prompt_ids)
             t0 = time.perf_counter()
-            self.llm.model.cache_kv(self.prompt_ids)
+            if not warm_prompt:
+                self.llm.model.cache_kv(self.prompt_ids)
             t1 = time.perf_counter()
             seqs = await sampler.smc(n_particles=int(n), ess_threshold=float(s["ess_threshold"]),
                                      max_tokens=int(s["max_tokens"]),
@@ -179,7 +185,8 @@ async def serve(proto) -> int:
             break
         req = msg["run"]
         try:
-            reps = await worker.run(req["sampler"], int(req["n"]), [int(x) for x in req["seeds"]])
+            reps = await worker.run(req["sampler"], int(req["n"]), [int(x) for x in req["seeds"]],
+                                    bool(req.get("warm_prompt", False)))
             send({"reps": reps})
         except Exception as exc:  # noqa: BLE001
             send({"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
