@@ -1,8 +1,10 @@
-"""The llama.cpp engine's prompt cache: reused prompt KV gives the logits a fresh prefill gives.
+"""The engines' prompt caches: reused prompt KV gives the logits a fresh prefill gives.
 
-A tiny float32 Qwen2 GGUF (transformers-written random weights), f32 KV: a cached prefix plus a
-decoded tail must match a fresh prefill of the whole prompt to float32 round-off, and so must the
-continuation steps on top of it; eviction must keep the cell pool for the caller's `reserve`.
+A tiny float32 Qwen2 (transformers-written random weights) as a GGUF with an f32 KV cache and as an
+fp32 ONNX directory: a cached prefix plus a decoded tail must match a fresh prefill of the whole
+prompt to float32 round-off (2e-4 on logits of std ~1: what batch-shape changes alone move), and
+so must the continuation steps on top of it; llama.cpp's eviction must keep the cell pool for the
+caller's `reserve`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,39 @@ def gguf(tiny_qwen2_dir: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pcache") / "tq2.f32.gguf"
     export_gguf_artifact(tiny_qwen2_dir, out, "f32", verify=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_qwen2_dir: Path, tmp_path_factory) -> Path:
+    pytest.importorskip("onnxruntime")
+    from kiln.pipeline import export_onnx_artifact
+
+    out = tmp_path_factory.mktemp("pcache-onnx") / "tq2-fp32"
+    export_onnx_artifact(tiny_qwen2_dir, out, "fp32", verify=False)
+    return out
+
+
+def test_onnx_cache_hits_match_a_fresh_prefill(onnx_dir: Path) -> None:
+    from kiln.runtime.onnx_engine import OnnxEngine
+
+    def run(e, prompt, tail, cached):
+        e.reset()
+        out = [e.prefill_prompt(prompt, seq=1) if cached else e.prefill(prompt, seq=1)]
+        return out + [e.step([t], [1])[0] for t in tail]
+
+    with OnnxEngine(onnx_dir, n_ctx=256, n_seq_max=2, threads=2) as e, \
+            OnnxEngine(onnx_dir, n_ctx=256, n_seq_max=2, threads=2, prompt_cache=0) as fresh:
+        system = e.tokenize("You are a helpful assistant. Answer briefly.")
+        a = system + e.tokenize(" What is two plus two?", add_special=False)
+        b = system + e.tokenize(" Name a colour.", add_special=False)
+        tail = e.tokenize(" four five six", add_special=False)
+        for prompt in (a, a, b, a, system):  # miss, exact hit, shared prefix, hit again, proper prefix
+            for g, w in zip(run(e, prompt, tail, True), run(fresh, prompt, tail, False)):
+                np.testing.assert_allclose(g, w, rtol=0, atol=2e-4)
+        assert tuple(a) in e.cached_prompts() and tuple(b) in e.cached_prompts()
+        assert fresh.cached_prompts() == []
+        e.clear_prompt_cache()
+        assert e.cached_prompts() == []
 
 
 def _engine(gguf: Path, **kw) -> LlamaCppEngine:

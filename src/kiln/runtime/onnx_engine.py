@@ -59,7 +59,7 @@ class OnnxEngine(TokenizersVocab, Engine):
     """Next-token logits for a batch of sequences from a GroupQueryAttention ONNX graph."""
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_seq_max: int = 1,
-                 threads: int | None = None, n_batch: int = 512):
+                 threads: int | None = None, n_batch: int = 512, prompt_cache: int = 4):
         ort = _ort()
         self.path = Path(path)
         if not self.path.is_dir():
@@ -112,6 +112,9 @@ class OnnxEngine(TokenizersVocab, Engine):
         self._bindings: dict[tuple[int, int], Any] = {}
         self._decoders: dict[tuple[int, int], Any] = {}
         self._ones = np.ones(self.n_seq_max * self.n_ctx, np.int64)
+        # prompt cache: (tokens, last logits, K and V of every layer [kv_heads, len, head_dim]), LRU first
+        self._prompt_cache: list[tuple[tuple[int, ...], np.ndarray, list[np.ndarray], list[np.ndarray]]] = []
+        self._prompt_cache_size = int(prompt_cache)
         self._ort = ort
         self._load_tokenizer(genai)
 
@@ -294,6 +297,55 @@ class OnnxEngine(TokenizersVocab, Engine):
         except Exception as exc:  # noqa: BLE001
             raise KilnError(f"onnxruntime failed: {str(exc).splitlines()[0][:300]}") from None
         return logits[:, 0].copy()
+
+    def prefill_prompt(self, tokens: Sequence[int], seq: int = 0, reserve: int = 0) -> np.ndarray:
+        """Prefill through a small LRU cache of earlier prompts' KV (copies of their rows, a few MB per
+        prompt for a small model): the longest common prefix is copied into the row and only the rest
+        runs; an exact hit runs nothing and returns the stored logits. `reserve` is irrelevant here
+        (every row has its own n_ctx cells)."""
+        tokens = [int(t) for t in tokens]
+        self._check_seq(seq)
+        if not tokens or not self._prompt_cache_size or (seq in self._live and self._len[seq]):
+            return self.prefill(tokens, seq=seq)
+        best, k = None, 0
+        for entry in self._prompt_cache:
+            j = 0
+            limit = min(len(entry[0]), len(tokens))
+            while j < limit and entry[0][j] == tokens[j]:
+                j += 1
+            if j > k:
+                best, k = entry, j
+        if best is not None:
+            self._prompt_cache.remove(best)
+            self._prompt_cache.append(best)
+            if k == len(tokens) and k == len(best[0]):
+                logits = best[1].copy()
+            else:
+                k = min(k, len(tokens) - 1)  # at least the last token runs, for its logits
+        if best is not None and k > 0:
+            for bufs, saved in ((self._k, best[2]), (self._v, best[3])):
+                for buf, arr in zip(bufs, saved):
+                    buf[seq, :, :k] = arr[:, :k]
+            self._live.add(seq)
+            self._len[seq] = self._pos[seq] = k
+            if k == len(tokens):
+                return logits
+            logits = self.prefill(tokens[k:], seq=seq)
+        else:
+            logits = self.prefill(tokens, seq=seq)
+        n = len(tokens)
+        self._prompt_cache = [e for e in self._prompt_cache if not (len(e[0]) <= n and tuple(tokens[:len(e[0])]) == e[0])]
+        self._prompt_cache.append((tuple(tokens), logits.copy(), [b[seq, :, :n].copy() for b in self._k],
+                                   [b[seq, :, :n].copy() for b in self._v]))
+        del self._prompt_cache[:-self._prompt_cache_size]
+        return logits
+
+    def clear_prompt_cache(self) -> None:
+        self._prompt_cache.clear()
+
+    def cached_prompts(self) -> list[tuple[int, ...]]:
+        """The prompts held, least recently used first."""
+        return [e[0] for e in self._prompt_cache]
 
     def reorder(self, ancestors: Sequence[int], seqs: Sequence[int] | None = None) -> None:
         """Row seqs[i] becomes a copy of row ancestors[i] (all at once: a gather along the batch axis)."""
