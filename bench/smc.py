@@ -1008,8 +1008,10 @@ def render_md(rep: dict) -> str:
               f"`{b['regex']}` then EOS (EOS = {', '.join(b['eos_texts'])}); max_tokens {b['max_tokens_kiln']} for kiln "
               f"(= {b['max_tokens_genlm']} in genlm, which counts the EOS; the cap never binds); ess_threshold "
               f"{b['ess_threshold']}, systematic resampling, temperature 1; {b['replicates']} replicates per N, "
-              "interleaved in blocks. Wall time per posterior includes the prompt's prefill on both sides "
-              "(kiln: `engine.prefill`; genlm: `cache_kv`), listed apart as prompt s.", ""]
+              "interleaved in blocks. Prompt regimes: plain rows are *warm* (kiln's engine keeps its prompt "
+              "cache between runs; genlm's `cache_kv` runs before the timed region), rows marked *cold prompt* pay "
+              "the prompt inside every timed run (kiln: `engine.prefill` after clearing the cache; genlm: "
+              "`cache_kv`), listed apart as prompt s.", ""]
         ex = b["exact"]
         cols = [k for k in ("float32/bytes", "float32/regex", "q4_k_m/bytes", "q4_k_m/regex") if k in ex]
         name = {"float32/bytes": "π float32, every tokenization (genlm's target)",
