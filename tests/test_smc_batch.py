@@ -17,105 +17,18 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kiln.errors import KilnError
-from kiln.runtime.engine import Engine
 from kiln.runtime.potentials.base import Potential, Product, Scaled, Vocab
 from kiln.runtime.smc import StepInfo, smc, smc_batch
+from toy_lm import TOY_T, TOY_VOCAB, OddB, ToyEngine
 
-# --- a toy LM where every logit depends on the last token only -----------------------------------
-TOY_P = np.array([
-    # a     b     c     d     e     EOS    after ...
-    [0.15, 0.10, 0.40, 0.25, 0.05, 0.05],  # a
-    [0.30, 0.25, 0.05, 0.05, 0.05, 0.30],  # b
-    [0.20, 0.20, 0.20, 0.20, 0.10, 0.10],  # c
-    [0.25, 0.25, 0.20, 0.10, 0.10, 0.10],  # d
-    [0.45, 0.15, 0.15, 0.10, 0.05, 0.10],  # e
-    [0.20, 0.20, 0.20, 0.20, 0.10, 0.10],  # EOS (never fed)
-])
-TOY_LOGITS = (np.log(TOY_P) + 1.7).astype(np.float32)
+# --- the toy LM of tests/toy_lm.py (every logit depends on the last token only) ---------------------
 TOY_PROMPTS = [[4], [0], [2, 1]]
-TOY_T = 6
-TOY_VOCAB = Vocab((b"a", b"b", b"c", b"d", b"e", b""), frozenset({5}), 6)
-
-
-class ToyEngine(Engine):
-    """The Markov chain behind the Engine contract (sequences are token lists); counts step calls."""
-
-    def __init__(self, n_seq_max: int = 64, n_ctx: int = 64, delay: float = 0.0):
-        self.vocab_size = 6
-        self.eog_ids = frozenset({5})
-        self.bos_id = None
-        self.add_bos = False
-        self.chat_template = None
-        self.context_length = self.n_ctx = n_ctx
-        self.n_seq_max = n_seq_max
-        self.delay = delay
-        self.seqs: dict[int, list[int]] = {}
-        self.steps: list[list[int]] = []
-
-    def tokenize(self, text, add_special=True, parse_special=True):
-        return ["abcde".index(c) for c in text]
-
-    def token_bytes(self, token):
-        return b"abcde"[token:token + 1] if token < 5 else b""
-
-    def prefill(self, tokens, seq=0, all_logits=False, start=None):
-        assert seq not in self.seqs
-        self.seqs[seq] = [int(t) for t in tokens]
-        rows = TOY_LOGITS[np.asarray(tokens)]
-        return rows if all_logits else rows[-1]
-
-    def step(self, tokens, seqs):
-        assert len(set(seqs)) == len(seqs) and all(s in self.seqs for s in seqs)
-        assert all(0 <= s < self.n_seq_max for s in seqs)
-        time.sleep(self.delay)
-        self.steps.append(list(seqs))
-        for t, s in zip(tokens, seqs):
-            self.seqs[s].append(int(t))
-        return TOY_LOGITS[np.asarray(tokens, np.intp)]
-
-    def copy_seq(self, src, dst):
-        self.seqs[dst] = list(self.seqs[src])
-
-    def drop_seq(self, seq):
-        self.seqs.pop(seq, None)
-
-    def reset(self):
-        self.seqs.clear()
-
-    def positions(self):
-        return {s: len(t) for s, t in self.seqs.items()}
-
-
-class OddB(Potential):
-    """Boolean mask: only a/b tokens, EOS only after an odd number of b's (state: parity, None = dead)."""
-
-    boolean = True
-
-    def initial_state(self):
-        return 0
-
-    def advance(self, state, token):
-        return None if state is None or token > 1 else state ^ token
-
-    def prefix(self, state):
-        return 0.0 if state is not None else -math.inf
-
-    def complete(self, state):
-        return 0.0 if state == 1 else -math.inf
-
-    def logw_next(self, state):
-        w = np.full(7, -np.inf, np.float32)
-        if state is not None:
-            w[:2] = 0.0
-            w[6] = 0.0 if state == 1 else -np.inf
-        return w
 
 
 class Soft(Potential):

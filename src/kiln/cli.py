@@ -524,15 +524,11 @@ def _prompt_ids(engine, prompt: str, chat: bool, system: str | None, chat_prompt
     return engine.tokenize(prompt)
 
 
-def _steered_generate(artifact: Path, prompt: str, chat: bool, system: str | None, max_tokens: int,
-                      temperature: float | None, seed: int | None, particles: int, regex: str | None,
-                      json_schema: str | None, grammar: str | None, potentials: list[str], ess_threshold: float,
-                      resampling: str, timeout: float | None, use_cache: bool, threads: int, ctx: int | None,
-                      as_json: bool) -> None:
-    from kiln.runtime import load
-    from kiln.runtime.cache import artifact_hash
-    from kiln.runtime.generate import chat_prompt
-    from kiln.runtime.steering import Constraints, SteerOptions, engine_sizes, steer
+def _steer_settings(artifact: Path, particles: int, max_tokens: int, ess_threshold: float, resampling: str,
+                    temperature: float | None, seed: int | None, timeout: float | None, regex: str | None,
+                    json_schema: str | None, grammar: str | None, potentials: list[str]):
+    """(SteerOptions, Constraints) of the SMC flags, validated before any model is opened."""
+    from kiln.runtime.steering import Constraints, SteerOptions
 
     options = SteerOptions(particles=particles, max_tokens=max_tokens, ess_threshold=ess_threshold,
                            resampling=resampling, temperature=1.0 if temperature is None else temperature,
@@ -541,6 +537,21 @@ def _steered_generate(artifact: Path, prompt: str, chat: bool, system: str | Non
     constraints = Constraints(regex=regex, json_schema=json_schema, grammar=grammar, specs=potentials)
     if not artifact.exists():
         raise KilnError(f"{artifact}: no such file or directory")
+    return options, constraints
+
+
+def _steered_generate(artifact: Path, prompt: str, chat: bool, system: str | None, max_tokens: int,
+                      temperature: float | None, seed: int | None, particles: int, regex: str | None,
+                      json_schema: str | None, grammar: str | None, potentials: list[str], ess_threshold: float,
+                      resampling: str, timeout: float | None, use_cache: bool, threads: int, ctx: int | None,
+                      as_json: bool) -> None:
+    from kiln.runtime import load
+    from kiln.runtime.cache import artifact_hash
+    from kiln.runtime.generate import chat_prompt
+    from kiln.runtime.steering import engine_sizes, steer
+
+    options, constraints = _steer_settings(artifact, particles, max_tokens, ess_threshold, resampling, temperature,
+                                           seed, timeout, regex, json_schema, grammar, potentials)
     sizes = engine_sizes(len((system or "").encode()) + len(prompt.encode()) + (64 if chat else 0), options, artifact)
     if ctx:
         sizes["n_ctx"] = ctx
@@ -585,16 +596,10 @@ def _steered_generate_batch(artifact: Path, prompts: list[str], chat: bool, syst
     from kiln.runtime import load, smc_batch
     from kiln.runtime.generate import chat_prompt
     from kiln.runtime.potentials.base import Vocab
-    from kiln.runtime.steering import (Constraints, SteerOptions, build_potentials, engine_sizes,
-                                       result_json)
+    from kiln.runtime.steering import build_potentials, engine_sizes, result_json
 
-    options = SteerOptions(particles=particles, max_tokens=max_tokens, ess_threshold=ess_threshold,
-                           resampling=resampling, temperature=1.0 if temperature is None else temperature,
-                           seed=seed, timeout=timeout)
-    options.validate()
-    constraints = Constraints(regex=regex, json_schema=json_schema, grammar=grammar, specs=potentials)
-    if not artifact.exists():
-        raise KilnError(f"{artifact}: no such file or directory")
+    options, constraints = _steer_settings(artifact, particles, max_tokens, ess_threshold, resampling, temperature,
+                                           seed, timeout, regex, json_schema, grammar, potentials)
     k = len(prompts)
     sizes_of = [len((system or "").encode()) + len(p.encode()) + (64 if chat else 0) for p in prompts]
     # llama.cpp's one KV pool holds every prompt (16 tokens of slack each); ONNX rows the longest one
