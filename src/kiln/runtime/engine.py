@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -19,6 +19,21 @@ from kiln.errors import KilnError
 def default_threads() -> int:
     """Physical-core-ish default: decode is bandwidth-bound, more threads than cores only hurt."""
     return max(1, min(os.cpu_count() or 1, 8))
+
+
+def longest_prefix_match(cached: Iterable[tuple[Hashable, Sequence[int]]],
+                         tokens: Sequence[int]) -> tuple[Hashable | None, int]:
+    """(key, length) of the cached token list sharing the longest prefix with `tokens` ((None, 0) when
+    none shares a token): what a prompt cache reuses."""
+    best, k = None, 0
+    for key, held in cached:
+        n = min(len(held), len(tokens))
+        j = 0
+        while j < n and held[j] == tokens[j]:
+            j += 1
+        if j > k:
+            best, k = key, j
+    return best, k
 
 
 class Engine(ABC):

@@ -16,7 +16,7 @@ import numpy as np
 
 from kiln.errors import KilnError
 from kiln.bytelevel import describe, essential_missing, missing_bytes
-from kiln.runtime.engine import Engine, default_threads
+from kiln.runtime.engine import Engine, default_threads, longest_prefix_match
 
 
 def _llama():
@@ -31,14 +31,6 @@ def _llama():
 
 
 _MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids a context can hold
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class LlamaCppEngine(Engine):
@@ -269,11 +261,7 @@ class LlamaCppEngine(Engine):
         if not self._slots or self._len.get(seq, 0):
             return self.prefill(tokens, seq=seq)
         lc, mem = self._lc, self._mem
-        best, k = None, 0
-        for slot, (cached, _) in self._cached.items():
-            j = _common_prefix(cached, tokens)
-            if j > k:
-                best, k = slot, j
+        best, k = longest_prefix_match(((slot, held) for slot, (held, _) in self._cached.items()), tokens)
         # cells cached prompts hold beyond what this prompt shares stay occupied: evict (least recently
         # used first, the best match last) until this prompt, the caller's reserve and the live sequences fit
         def over() -> bool:

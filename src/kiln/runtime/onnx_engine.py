@@ -25,7 +25,7 @@ import numpy as np
 
 from kiln.errors import KilnError
 from kiln.jsonfile import read_json_object
-from kiln.runtime.engine import Engine, default_threads
+from kiln.runtime.engine import Engine, default_threads, longest_prefix_match
 from kiln.runtime.hf_tokens import TokenizersVocab
 
 # End-of-turn markers of the supported chat templates (ChatML, Llama 3, Zephyr/Phi, Qwen).
@@ -307,17 +307,10 @@ class OnnxEngine(TokenizersVocab, Engine):
         self._check_seq(seq)
         if not tokens or not self._prompt_cache_size or (seq in self._live and self._len[seq]):
             return self.prefill(tokens, seq=seq)
-        best, k = None, 0
-        for entry in self._prompt_cache:
-            j = 0
-            limit = min(len(entry[0]), len(tokens))
-            while j < limit and entry[0][j] == tokens[j]:
-                j += 1
-            if j > k:
-                best, k = entry, j
+        i, k = longest_prefix_match(((i, e[0]) for i, e in enumerate(self._prompt_cache)), tokens)
+        best = None if i is None else self._prompt_cache.pop(i)
         if best is not None:
-            self._prompt_cache.remove(best)
-            self._prompt_cache.append(best)
+            self._prompt_cache.append(best)  # most recently used
             if k == len(tokens) and k == len(best[0]):
                 logits = best[1].copy()
             else:
