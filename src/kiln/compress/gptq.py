@@ -356,7 +356,7 @@ def gptq_config(opts: GPTQOptions) -> GPTQConfig:
     return GPTQConfig(bits=opts.bits, group_size=opts.group_size, sym=opts.sym, desc_act=False,
                       static_groups=opts.act_order, damp_percent=opts.damp, true_sequential=opts.true_sequential,
                       grid=grid.gguf_type, act_order=opts.act_order,
-                      scale_search=opts.scale_search and grid.name in ("q4_0", "q8_0", "sym"))
+                      scale_search=opts.scale_search and grid.symmetric)
 
 
 def write_gptq_checkpoint(ckpt, linears: dict[str, GPTQLinear], config: GPTQConfig, out: Path) -> None:

@@ -36,6 +36,11 @@ class Grid:
         return (1 << self.bits) - 1
 
     @property
+    def symmetric(self) -> bool:
+        """A grid with a fixed zero point (only the scale is chosen per group)."""
+        return self.name in ("q4_0", "q8_0", "sym")
+
+    @property
     def gguf_type(self) -> str | None:
         return self.name if self.name.startswith("q") else None
 
@@ -107,7 +112,7 @@ def search_params(w, grid: Grid, importance=None):
     import torch
 
     scale0, zero = grid_params(w, grid)
-    if grid.name not in ("q4_0", "q8_0", "sym"):
+    if not grid.symmetric:
         return scale0, zero
     imp = torch.ones(w.shape[1]) if importance is None else importance.to(torch.float32)
     imp = imp[None, :]
