@@ -38,6 +38,17 @@ def tiny_llama_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_f32_gguf(tiny_qwen2_dir: Path, tmp_path_factory) -> Path:
+    """tiny-qwen2 as an f32 GGUF (unverified export): engine mechanics with only float32 round-off."""
+    pytest.importorskip("llama_cpp")
+    from kiln.pipeline import export_gguf_artifact
+
+    out = tmp_path_factory.mktemp("tiny-qwen2-f32") / "tq2.f32.gguf"
+    export_gguf_artifact(tiny_qwen2_dir, out, "f32", verify=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def fixture_dirs() -> dict[str, Path]:
     """Every fixture, name -> checkpoint dir."""
     return {name: build(name, progress=False) for name in FIXTURE_NAMES}

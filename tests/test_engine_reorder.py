@@ -14,15 +14,12 @@ import pytest
 pytest.importorskip("llama_cpp")
 
 from kiln.errors import KilnError  # noqa: E402
-from kiln.pipeline import export_gguf_artifact  # noqa: E402
 from kiln.runtime.llamacpp import LlamaCppEngine  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def gguf(tiny_qwen2_dir: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("reorder") / "tq2.f32.gguf"
-    export_gguf_artifact(tiny_qwen2_dir, out, "f32", verify=False)
-    return out
+def gguf(tiny_qwen2_f32_gguf: Path) -> Path:
+    return tiny_qwen2_f32_gguf
 
 
 def _run(engine, prompts: list[list[int]], ancestors: list[int] | None, tail: list[list[int]]) -> list[np.ndarray]:

@@ -25,7 +25,6 @@ pytest.importorskip("llguidance")
 
 from kiln.errors import KilnError  # noqa: E402
 from kiln.fixtures import smollm2_original_gguf  # noqa: E402
-from kiln.pipeline import export_gguf_artifact  # noqa: E402
 from kiln.runtime.llamacpp import LlamaCppEngine  # noqa: E402
 from kiln.runtime.potentials import (  # noqa: E402
     FromCallable, JsonSchema, LarkGrammar, Length, Lexicon, Product, ReferenceCritic, Regex, Scaled, SentenceEnd,
@@ -519,10 +518,8 @@ def test_critic_equals_engine_log_prob(vocab, engine, critic_engine):
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tiny_qwen2_dir: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("potentials-tiny") / "tq2.f32.gguf"
-    export_gguf_artifact(tiny_qwen2_dir, out, "f32", verify=False)
-    return out
+def tiny_gguf(tiny_qwen2_f32_gguf: Path) -> Path:
+    return tiny_qwen2_f32_gguf
 
 
 def test_critic_batches_and_evicts(tiny_gguf):

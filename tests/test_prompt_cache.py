@@ -16,7 +16,6 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from kiln.pipeline import export_gguf_artifact  # noqa: E402
 from kiln.runtime.llamacpp import LlamaCppEngine  # noqa: E402
 from kiln.runtime.smc import smc  # noqa: E402
 from kiln.runtime.potentials.base import Vocab  # noqa: E402
@@ -24,10 +23,8 @@ from kiln.runtime.potentials.grammar import Regex  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def gguf(tiny_qwen2_dir: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pcache") / "tq2.f32.gguf"
-    export_gguf_artifact(tiny_qwen2_dir, out, "f32", verify=False)
-    return out
+def gguf(tiny_qwen2_f32_gguf: Path) -> Path:
+    return tiny_qwen2_f32_gguf
 
 
 @pytest.fixture(scope="module")
