@@ -179,11 +179,12 @@ def chat_prompt(engine, question: str) -> tuple[str, list[int]]:
 # --- timers ---------------------------------------------------------------------------------------
 
 class Timers:
-    """Wall time per category of wrapped calls. Nested wrapped calls (reorder -> drop_seq) count once,
-    per thread (the mask worker thread and the main thread keep separate nesting)."""
+    """Wall time and calls per category of wrapped calls. Nested wrapped calls (reorder -> drop_seq)
+    count once, per thread (the mask worker thread and the main thread keep separate nesting)."""
 
     def __init__(self) -> None:
         self.total: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
         self._local = threading.local()
         self._undo: list = []
 
@@ -204,6 +205,7 @@ class Timers:
                 return fn(*args, **kwargs)
             finally:
                 timers.total[category] = timers.total.get(category, 0.0) + time.perf_counter() - t0
+                timers.calls[category] = timers.calls.get(category, 0) + 1
                 local.depth = 0
 
         setattr(owner, name, timed)
@@ -842,21 +844,15 @@ def part_c(args, gguf: Path) -> dict:
 
         def counting(run):
             """(wall s, engine.step calls, engine rows) of run() -> results."""
-            calls = [0]
-            step = engine.step
-
-            def counted(tokens, seqs):
-                calls[0] += 1
-                return step(tokens, seqs)
-
-            engine.step = counted  # an instance attribute over the method, removed below
+            timers = Timers()
+            timers.wrap(engine, "step", "decode")
             try:
                 t0 = time.perf_counter()
                 rs = run()
                 wall = time.perf_counter() - t0
             finally:
-                del engine.step
-            return wall, calls[0], sum(r.engine_rows for r in rs)
+                timers.restore()
+            return wall, timers.calls.get("decode", 0), sum(r.engine_rows for r in rs)
 
         def sequential(seed: int) -> tuple[float, int, int]:
             return counting(lambda: [smc(engine, p, n, proposal=pots(), ess_threshold=1.0, max_tokens=S, seed=seed + i)
