@@ -52,7 +52,10 @@ recipe: fixtures
 test: fixtures go-toolchain
 	$(PY) -m pytest -q
 
+# The `bench` extra first (sentencepiece: bench/convert.py runs llama.cpp's convert_hf_to_gguf.py, which
+# imports it); llama-cpp-python is already installed from the wheel `setup` built, so nothing compiles.
 bench: fixtures
+	$(PY) -m pip install -q -e '.[torch,llama,onnx,dev,bench]'
 	$(PY) bench/convert.py
 	$(PY) bench/onnx_decode.py
 	$(PY) bench/quality.py

@@ -9,7 +9,8 @@ outputs are loaded in llama.cpp and their next-token logits for a prompt compare
 
 llama.cpp's converter comes from the llama-cpp-python sdist (vendor/llama.cpp), the
 same llama.cpp that kiln runs against; only convert_hf_to_gguf.py, conversion/ and
-gguf-py/ are extracted, into kiln's cache (never into the repository). It runs with
+gguf-py/ are extracted, into kiln's cache (never into the repository), by
+kiln.fixtures.llama_converter (shared with tests/test_gguf_keys.py). It runs with
 its bundled gguf-py (NO_LOCAL_GGUF unset) under this interpreter.
 
 Writes <out>/convert-<model>-<timestamp>.json and .md and prints the Markdown table.
@@ -22,11 +23,9 @@ import datetime as dt
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -34,9 +33,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from kiln.bench.machine import machine
+from kiln.errors import KilnError
+from kiln.fixtures.llama_converter import LLAMA_CPP_PYTHON, bundled_gguf_version, converter_command, llama_converter
 
 REPO = Path(__file__).resolve().parent.parent
-LLAMA_CPP_PYTHON = "0.3.36"
 DEFAULT_PROMPT = "The capital of France is"
 TOOLS = ("kiln", "llama.cpp")
 
@@ -57,74 +57,12 @@ example:
 """
 
 
-# --- llama.cpp's converter ----------------------------------------------------------------------
-
-def _cache_dir() -> Path:
-    from kiln.paths import cache_dir
-
-    return cache_dir()
-
-
-def llama_sdist() -> Path:
-    """The llama-cpp-python sdist, reused from kiln's download cache or fetched there with pip."""
-    dl = _cache_dir() / "downloads"
-    found = sorted(dl.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"))
-    if found:
-        return found[0]
-    dl.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                    f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(dl)], check=True)
-    found = sorted(dl.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"))
-    if not found:
-        raise SystemExit(f"pip download did not leave llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz in {dl}")
-    return found[0]
-
-
-def llama_converter() -> Path:
-    """Directory holding convert_hf_to_gguf.py, conversion/ and gguf-py/ (extracted once)."""
-    dest = _cache_dir() / "tools" / f"llama.cpp-convert-{LLAMA_CPP_PYTHON}"
-    if (dest / "convert_hf_to_gguf.py").is_file():
-        return dest
-    sdist = llama_sdist()
-    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
-    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        with tarfile.open(sdist) as tar:
-            members = []
-            for m in tar.getmembers():
-                if m.name.startswith(prefix) and m.name[len(prefix):].startswith(wanted):
-                    m.name = m.name[len(prefix):]
-                    members.append(m)
-            tar.extractall(tmp, members=members, filter="data")
-        if not (tmp / "convert_hf_to_gguf.py").is_file():
-            raise SystemExit(f"{sdist}: no {prefix}convert_hf_to_gguf.py inside")
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return dest
-
-
-def bundled_gguf_version(conv: Path) -> str:
-    for line in (conv / "gguf-py" / "pyproject.toml").read_text().splitlines():
-        if line.startswith("version"):
-            return line.split("=", 1)[1].strip().strip('"')
-    return "?"
-
-
 # --- measuring ----------------------------------------------------------------------------------
 
 def command(tool: str, src: Path, out: Path, conv: Path) -> tuple[list[str], Path | None, dict[str, str]]:
-    env = dict(os.environ)
     if tool == "kiln":
-        return [sys.executable, "-c", KILN_CODE, str(src), str(out)], None, env
-    env.pop("NO_LOCAL_GGUF", None)  # use the gguf-py bundled with this llama.cpp
-    return ([sys.executable, str(conv / "convert_hf_to_gguf.py"), str(src), "--outtype", "f16",
-             "--outfile", str(out)], conv, env)
+        return [sys.executable, "-c", KILN_CODE, str(src), str(out)], None, dict(os.environ)
+    return converter_command(src, out, "f16", conv)
 
 
 class _Sampler(threading.Thread):
@@ -332,8 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (src / "config.json").is_file():
         raise SystemExit(f"{src}: not a HF checkpoint directory (no config.json)")
     model = args.model or src.name
-    with console.status("extracting llama.cpp's convert_hf_to_gguf.py"):
-        conv = llama_converter()
+    try:
+        with console.status("extracting llama.cpp's convert_hf_to_gguf.py"):
+            conv = llama_converter()
+    except KilnError as exc:
+        raise SystemExit(str(exc)) from None
 
     work_ctx = tempfile.TemporaryDirectory(prefix="kiln-bench-convert-") if args.work is None else None
     work = Path(work_ctx.name) if work_ctx else args.work

@@ -45,7 +45,7 @@ Part B, posterior quality vs wall time on an enumerable target:
   prompt time listed apart).
 
 genlm-control is installed into ${KILN_CACHE:-~/.cache/kiln}/venvs/genlm (torch==2.13.0 CPU first,
-then the `bench` extra's pin from pyproject.toml), never into kiln's venv; if that fails, the report
+then the `genlm` extra's pin from pyproject.toml), never into kiln's venv; if that fails, the report
 says why and part B runs without it.
 
 Writes <out>/smc.json, smc.md, smc.png (matplotlib) and prints the Markdown; progress goes to stderr.
@@ -559,7 +559,7 @@ def ensure_genlm(venv: Path, python: Path | None, allow_install: bool) -> tuple[
 
     found = check()
     if found is None and python is None and allow_install:
-        genlm_pin = pyproject_pin("bench", "genlm-control", GENLM_PIN_FALLBACK)
+        genlm_pin = pyproject_pin("genlm", "genlm-control", GENLM_PIN_FALLBACK)
         torch_pin = pyproject_pin("torch", "torch", TORCH_PIN_FALLBACK)
         base = shutil.which("python3.11") or sys.executable
         info["installed"] = {"base_python": base, "torch": torch_pin, "genlm": genlm_pin}

@@ -2,7 +2,7 @@
 """genlm-control's side of bench/smc.py: regex-constrained SMC on the same checkpoint and prompt.
 
 It runs in its own virtual environment (genlm-control brings its own torch/transformers stack and
-stays out of kiln's dependencies: the `bench` extra of pyproject.toml names the pin), normally as a
+stays out of kiln's dependencies: the `genlm` extra of pyproject.toml names the pin), normally as a
 long-lived subprocess of bench/smc.py, which interleaves its kiln runs with this worker's runs.
 
 Protocol: JSON lines. stdin line 1 is the setup; the reply is {"ready": true, "settings": ...,

@@ -31,6 +31,16 @@ class TokenizerSpec:
     chat_template: str | None
     source: Path  # tokenizer.json
     unrepresentable_bytes: tuple[int, ...] = ()  # bytes with no byte token (see kiln.bytelevel)
+    # The rest mirrors what llama.cpp's converter (gguf-py's SpecialVocab) writes when the checkpoint
+    # says so; None/empty means the checkpoint does not say, and no GGUF key is written.
+    sep_id: int | None = None
+    mask_id: int | None = None
+    eom_id: int | None = None
+    add_sep: bool | None = None  # from a TemplateProcessing / RobertaProcessing post-processor
+    add_prefix_space: bool | None = None  # tokenizer_config.json add_prefix_space
+    named_chat_templates: tuple[tuple[str, str], ...] = ()  # (name, template) besides the default one
+    normalizer_lowercase: bool | None = None  # tokenizer.json normalizer flags
+    normalizer_strip_accents: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -3,19 +3,37 @@
 Key names are gguf-py's; which keys llama.cpp reads per architecture is in
 reference/ecosystem.md §1.2. Rope scaling is written as resolved by
 `kiln.checkpoint.rope`, with `context_length` raised to match (DESIGN.md §5).
+
+The key set equals the one llama.cpp's own convert_hf_to_gguf.py writes for the same checkpoint,
+values included: a tool that asks the GGUF (llama.cpp, Ollama, another converter's user) must get
+the same answer from either file. tests/test_gguf_keys.py compares the two on every fixture and
+lists, with reasons, the few keys kiln deliberately adds or leaves out.
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
-from gguf import GGUFWriter, RopeScalingType
+from gguf import GGUFWriter, Keys, RopeScalingType, size_label
 
 from kiln.checkpoint.rope import RopeSettings
 from kiln.checkpoint.spec import ModelSpec, TokenizerSpec
 
 _LICENSE_IDS = (("Apache License", "apache-2.0"), ("MIT License", "mit"), ("Llama 3", "llama3"))
+
+# Families whose GGUF carries tokenizer.ggml.add_space_prefix when tokenizer_config.json states
+# add_prefix_space: the converter's LlamaModel.set_vocab writes it, its Qwen2Model/Qwen3Model do not.
+_ADD_SPACE_PREFIX_FAMILIES = frozenset({"llama"})
+
+# Families whose transformers config class always has head_dim (LlamaConfig/MistralConfig default it to
+# hidden/heads, Qwen3Config to 128), so the converter writes {arch}.attention.key_length/value_length.
+_HEAD_DIM_FAMILIES = frozenset({"llama", "qwen3"})
+
+# Not in gguf 0.19.0's Keys, but written by the gguf-py bundled with llama.cpp (and read by it).
+_NORMALIZER_LOWERCASE = "tokenizer.ggml.normalizer.lowercase"
+_NORMALIZER_STRIP_ACCENTS = "tokenizer.ggml.normalizer.strip_accents"
 
 
 def license_id(text: str | None) -> str | None:
@@ -31,6 +49,8 @@ def license_id(text: str | None) -> str | None:
 def write_hparams(w: GGUFWriter, spec: ModelSpec, rope: RopeSettings, file_type: int) -> None:
     w.add_name(spec.name)
     w.add_type("model")
+    # The converter's size class ("135M"), from the parameter count both files hold.
+    w.add_size_label(size_label(spec.n_params, spec.n_params, 0, 0))
     lic = license_id(spec.license)
     if lic:
         w.add_license(lic)
@@ -43,7 +63,11 @@ def write_hparams(w: GGUFWriter, spec: ModelSpec, rope: RopeSettings, file_type:
     w.add_layer_norm_rms_eps(spec.rms_norm_eps)
     w.add_rope_freq_base(spec.rope_theta)
     w.add_rope_dimension_count(spec.head_dim)
-    if spec.head_dim * spec.n_heads != spec.hidden_size:
+    # Where the converter writes them: it reads config.json through transformers' AutoConfig, whose
+    # Llama/Mistral and Qwen3 configs always define head_dim (Qwen2's only when config.json states it).
+    # And whenever head_dim is not hidden/heads, llama.cpp's default.
+    if (spec.family in _HEAD_DIM_FAMILIES or spec.config.get("head_dim") is not None
+            or spec.head_dim * spec.n_heads != spec.hidden_size):
         w.add_key_length(spec.head_dim)
         w.add_value_length(spec.head_dim)
     w.add_vocab_size(spec.vocab_size)
@@ -65,6 +89,14 @@ def write_rope(w: GGUFWriter, rope: RopeSettings) -> None:
             # llama.cpp multiplies its own 0.1*ln(s)+1 by this; transformers replaces it.
             default = 0.1 * math.log(rope.factor) + 1.0
             w.add_rope_scaling_attn_factors(float(rope.attention_factor) / default)
+        # The config's own yarn values, as the converter writes them. llama.cpp reads these only for a few
+        # other architectures (not llama/qwen2/qwen3), so they are inert here, but equal to the converter's.
+        if rope.attention_factor is not None:
+            w.add_rope_scaling_yarn_attn_factor(float(rope.attention_factor))
+        if rope.beta_fast is not None:
+            w.add_rope_scaling_yarn_beta_fast(float(rope.beta_fast))
+        if rope.beta_slow is not None:
+            w.add_rope_scaling_yarn_beta_slow(float(rope.beta_slow))
     # llama3: carried by the rope_freqs tensor, no scaling keys (as convert_hf_to_gguf does)
 
 
@@ -94,6 +126,8 @@ def llama3_rope_factors(spec: ModelSpec, rope: RopeSettings) -> np.ndarray:
 def write_tokenizer(w: GGUFWriter, spec: ModelSpec) -> None:
     assert spec.tokenizer is not None
     write_token_spec(w, spec.tokenizer)
+    if spec.family in _ADD_SPACE_PREFIX_FAMILIES and spec.tokenizer.add_prefix_space is not None:
+        w.add_add_space_prefix(spec.tokenizer.add_prefix_space)
 
 
 def write_token_spec(w: GGUFWriter, tok: TokenizerSpec) -> None:
@@ -105,10 +139,26 @@ def write_token_spec(w: GGUFWriter, tok: TokenizerSpec) -> None:
     w.add_token_merges(tok.merges)
     for ident, add in ((tok.bos_id, w.add_bos_token_id), (tok.eos_id, w.add_eos_token_id),
                        (tok.pad_id, w.add_pad_token_id), (tok.unk_id, w.add_unk_token_id),
-                       (tok.eot_id, w.add_eot_token_id)):
+                       (tok.eot_id, w.add_eot_token_id), (tok.eom_id, w.add_eom_token_id),
+                       (tok.sep_id, w.add_sep_token_id), (tok.mask_id, w.add_mask_token_id)):
         if ident is not None:
             add(ident)
+    # Always both (the converter omits them when the tokenizer does not say): llama.cpp's default for a
+    # llama-bpe vocabulary is to add BOS, transformers' is not to.
     w.add_add_bos_token(tok.add_bos)
     w.add_add_eos_token(tok.add_eos)
+    if tok.add_sep is not None:
+        w.add_add_sep_token(tok.add_sep)
     if tok.chat_template:
         w.add_chat_template(tok.chat_template)
+    if tok.named_chat_templates:
+        # The keys GGUFWriter.add_chat_template(list) writes, but with the name list sorted: it builds the
+        # list from a set, whose order changes between runs, and kiln's outputs are byte-reproducible.
+        names = sorted({re.sub(r"[^A-Za-z0-9]", "_", name) for name, _ in tok.named_chat_templates})
+        for name, text in tok.named_chat_templates:
+            w.add_string(Keys.Tokenizer.CHAT_TEMPLATE_N.format(name=re.sub(r"[^A-Za-z0-9]", "_", name)), text)
+        w.add_array(Keys.Tokenizer.CHAT_TEMPLATES, names)
+    if tok.normalizer_lowercase is not None:
+        w.add_bool(_NORMALIZER_LOWERCASE, tok.normalizer_lowercase)
+    if tok.normalizer_strip_accents is not None:
+        w.add_bool(_NORMALIZER_STRIP_ACCENTS, tok.normalizer_strip_accents)
