@@ -361,7 +361,7 @@ def test_output_parent_under_a_file(tiny_qwen2_dir: Path, tmp_path: Path) -> Non
     afile = tmp_path / "afile"
     afile.write_text("x")
     proc = kiln("export", "gguf", tiny_qwen2_dir, "-o", afile / "sub" / "out.gguf", "--quant", "f16")
-    line = assert_one_line_error(proc, "afile", "Not a directory")
+    line = assert_one_line_error(proc, "afile", "not a directory")
     assert ".part" not in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
@@ -584,3 +584,71 @@ def test_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
     assert proc.returncode == 130, (proc.returncode, stderr)
     assert stderr.strip().splitlines()[-1] == "kiln: interrupted"
     assert_no_artifacts(out_dir)
+
+
+# ----------------------------------------------------------------------------- pickle refusal, context, temperature
+
+class _Opaque:
+    """A custom class inside a checkpoint: torch's weights_only loader refuses it, and kiln says so."""
+
+    def __init__(self) -> None:
+        self.note = "not a tensor"
+
+
+def test_pickle_refusal_says_what_and_why(qwen2: Path, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(qwen2 / "model.safetensors")
+    (qwen2 / "model.safetensors").unlink()
+    state["extra"] = _Opaque()  # type: ignore[assignment]
+    torch.save(state, qwen2 / "pytorch_model.bin")
+    out_dir = tmp_path / "out"
+    proc = kiln("export", "gguf", qwen2, "-o", out_dir / "out.gguf", "--quant", "f16", "--allow-pickle")
+    assert_one_line_error(proc, "pytorch_model.bin: refused: the pickle holds objects other than tensors and "
+                          "plain containers", "GLOBAL", "_Opaque", "weights_only loader",
+                          "never runs code from a checkpoint")
+    assert "weights_only=False" not in proc.stderr and "can still be loaded" not in proc.stderr
+    assert_no_artifacts(out_dir)
+
+
+@pytest.fixture(scope="module")
+def small_onnx(tiny_qwen2_dir: Path, tmp_path_factory) -> Path:
+    """A real ONNX directory written by `kiln export onnx` (int8, unverified to stay fast)."""
+    out = tmp_path_factory.mktemp("onnx") / "tiny-int8"
+    proc = kiln("export", "onnx", tiny_qwen2_dir, "-o", out, "-p", "int8", "--no-verify", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+LONG_PROMPT = "the quick brown fox jumps over the lazy dog " * 60  # several hundred tokens
+
+
+def test_generate_context_gguf_names_what_was_asked(small_gguf: Path) -> None:
+    """llama.cpp rounds --ctx 16 up to 256: the message names both, not only llama.cpp's figure."""
+    proc = kiln("generate", small_gguf, "--ctx", "16", "--prompt", LONG_PROMPT, "--max-tokens", "4")
+    line = assert_one_line_error(proc, "prompt of", "(+ 4 to generate) exceeds the context of 16 asked for "
+                                 "(llama.cpp allocates 256)")
+    assert "exceed the context of 256" not in line
+
+
+@pytest.mark.parametrize("ctx,expected", [
+    ("16", "(+ 4 to generate) exceeds the context of 16"),
+    ("100000", "(+ 4 to generate) exceeds the context of 100000 asked for (onnxruntime allocates 512, "
+               "the model's context length)"),
+])
+def test_generate_context_onnx_names_what_was_asked(small_onnx: Path, ctx: str, expected: str) -> None:
+    prompt = LONG_PROMPT if ctx == "16" else LONG_PROMPT * 4
+    proc = kiln("generate", small_onnx, "--ctx", ctx, "--prompt", prompt, "--max-tokens", "4")
+    assert_one_line_error(proc, "prompt of", expected)
+
+
+@pytest.mark.parametrize("smc", [False, True])
+def test_negative_temperature_is_refused(small_gguf: Path, smc: bool) -> None:
+    """Without particles -1 used to decode greedily without a word; with them SMC refused it already."""
+    extra = ("--particles", "2") if smc else ()
+    proc = kiln("generate", small_gguf, "--prompt", "hello", "--temperature=-1", "--max-tokens", "2", *extra)
+    if smc:
+        assert_one_line_error(proc, "--temperature -1.0", "positive temperature")
+    else:
+        assert_one_line_error(proc, "temperature -1.0: must be >= 0 (0 = greedy)")

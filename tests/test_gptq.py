@@ -267,3 +267,21 @@ def test_interrupted_quantization_leaves_nothing(tiny_qwen2_dir: Path, tmp_path:
     with pytest.raises(KeyboardInterrupt):
         quantize_gptq(tiny_qwen2_dir, tmp_path / "out", heldout_text(), GPTQOptions(**FAST), progress=stop)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_no_deprecated_transformers_arguments(tiny_qwen2_dir: Path) -> None:
+    """GPTQ's layer calls and the reference engine's cached forward use transformers' current argument
+    names: a deprecated one (e.g. `past_key_values`, removed in 5.40) would break a fresh install."""
+    import warnings
+
+    from kiln.verify.transformers_engine import TransformersEngine
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize_model(tiny_qwen2_dir, heldout_text()[:4000], GPTQOptions(seq_len=32, samples=2))
+        engine = TransformersEngine(tiny_qwen2_dir, n_seq_max=1, n_ctx=32, threads=1)
+        engine.prefill([1, 2, 3])
+        engine.step([4], [0])
+    removed = [str(w.message) for w in caught if "will be removed" in str(w.message)
+               or "removed starting from" in str(w.message)]
+    assert removed == []

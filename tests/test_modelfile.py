@@ -538,7 +538,7 @@ def test_corrupt_and_incomplete_gguf(tmp_path):
     g = write_gguf(tmp_path / "c.gguf")
     data = g.read_bytes()
     g.write_bytes(data[: len(data) // 3])
-    with pytest.raises(KilnError, match=r"c\.gguf: not a readable GGUF file") as ei:
+    with pytest.raises(KilnError, match=r"c\.gguf: not a valid GGUF file") as ei:
         render_modelfile(g)
     assert "\n" not in str(ei.value)
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")

@@ -78,6 +78,10 @@ _rope_options = _options(
     click.option("--context", type=int, help="Context length the artifact advertises (default: factor x original)."),
     click.option("--allow-shorter-context", is_flag=True, help="Permit --context below the trained context."),
 )
+_force_option = click.option(
+    "--force", is_flag=True,
+    help="Replace an existing output that kiln did not write (without it such a path is refused; a previous "
+         "kiln output of the same kind is replaced anyway).")
 _source_options = _options(
     click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin / .pt (loaded with weights_only=True)."),
     click.option("--n-heads", type=int, help="Attention heads of a native Arbor state dict without a config."),
@@ -133,7 +137,8 @@ def export() -> None:
 
 @export.command("gguf")
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output .gguf path.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Output .gguf file path (NAME.gguf.manifest.json and, with --modelfile, NAME.Modelfile go beside it).")
 @click.option("--quant", default=None,
               help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_m, q4_k_s, q4_k_m, q5_k_m, q6_k, iq4_xs, "
                    "... [default: f16; for a GPTQ checkpoint its own block type q4_0/q4_1/q8_0, bit-exact]")
@@ -143,11 +148,12 @@ def export() -> None:
 @click.option("--no-verify", is_flag=True, help="Skip the logits check against the source (not recommended).")
 @click.option("--threads", type=int, default=0, help="Threads for quantizing and verifying (0: all).")
 @_source_options
+@_force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_gguf_cmd(src: Path, out: Path, quant: str, imatrix: Path | None, rope_scaling: str | None,
                     original_context: int | None, context: int | None, allow_shorter_context: bool,
                     modelfile: bool, no_verify: bool, threads: int, allow_pickle: bool, n_heads: int | None,
-                    tokenizer: Path | None, as_json: bool) -> None:
+                    tokenizer: Path | None, force: bool, as_json: bool) -> None:
     """Export the Hugging Face checkpoint SRC to a GGUF file, verified in llama.cpp.
 
     \b
@@ -164,7 +170,7 @@ def export_gguf_cmd(src: Path, out: Path, quant: str, imatrix: Path | None, rope
             src, out, quant, rope_scaling=rope_scaling, original_context=original_context, context=context,
             allow_shorter_context=allow_shorter_context, imatrix=imatrix, modelfile=modelfile,
             verify=not no_verify, threads=threads, allow_pickle=allow_pickle, n_heads=n_heads, tokenizer=tokenizer,
-            progress=update)
+            progress=update, force=force)
     if as_json:
         _emit_json(result.record)
         return
@@ -184,7 +190,9 @@ def export_gguf_cmd(src: Path, out: Path, quant: str, imatrix: Path | None, rope
 
 @export.command("onnx")
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Output directory to create, e.g. out/model-int4 (an existing one is replaced only if it is a "
+                   "kiln ONNX directory holding nothing else).")
 @click.option("--precision", "-p", default="int4", show_default=True,
               type=click.Choice(["fp32", "fp16", "int8", "int4"]), help="Weight precision (int4/int8: MatMulNBits).")
 @click.option("--block-size", type=int, default=32, show_default=True, help="int4/int8 block: 16, 32, 64, 128 or 256.")
@@ -203,12 +211,13 @@ def export_gguf_cmd(src: Path, out: Path, quant: str, imatrix: Path | None, rope
 @click.option("--no-verify", is_flag=True, help="Skip the logits check against the source (not recommended).")
 @click.option("--threads", type=int, default=0, help="Threads for verifying (0: all).")
 @_source_options
+@_force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_onnx_cmd(src: Path, out: Path, precision: str, block_size: int, symmetric: bool, accuracy_level: int,
                     lm_head: str, method: str, embeddings: str, execution_provider: str, rope_scaling: str | None,
                     original_context: int | None, context: int | None, allow_shorter_context: bool,
                     no_verify: bool, threads: int, allow_pickle: bool, n_heads: int | None, tokenizer: Path | None,
-                    as_json: bool) -> None:
+                    force: bool, as_json: bool) -> None:
     """Export the Hugging Face (or native Arbor) checkpoint SRC to an ONNX model directory, verified in onnxruntime.
 
     The directory holds model.onnx (+ model.onnx.data), genai_config.json (onnxruntime-genai
@@ -229,7 +238,7 @@ def export_onnx_cmd(src: Path, out: Path, precision: str, block_size: int, symme
             lm_head=lm_head, embeddings=embeddings, execution_provider=execution_provider, method=method,
             rope_scaling=rope_scaling, original_context=original_context, context=context,
             allow_shorter_context=allow_shorter_context, verify=not no_verify, threads=threads,
-            allow_pickle=allow_pickle, n_heads=n_heads, tokenizer=tokenizer, progress=update)
+            allow_pickle=allow_pickle, n_heads=n_heads, tokenizer=tokenizer, progress=update, force=force)
     if as_json:
         _emit_json(result.record)
         return
@@ -253,7 +262,8 @@ def quantize() -> None:
 
 @quantize.command("gptq")
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output checkpoint directory.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Output checkpoint directory to create, e.g. out/model-gptq.")
 @click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
               help="32 = GGUF's block: the result exports to GGUF q4_0/q4_1/q8_0 bit for bit.")
@@ -270,9 +280,11 @@ def quantize() -> None:
 @click.option("--samples", type=int, default=128, show_default=True, help="At most this many chunks.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="Hessian dampening (fraction of mean diag).")
 @click.option("--threads", type=int, default=0)
+@_force_option
 @click.option("--json", "as_json", is_flag=True)
 def quantize_gptq_cmd(src: Path, out: Path, bits: str, group_size: str, sym: bool, act_order: bool,
-                      scale_search: bool, calib: Path | None, seq_len: int, samples: int, damp: float, threads: int, as_json: bool) -> None:
+                      scale_search: bool, calib: Path | None, seq_len: int, samples: int, damp: float, threads: int,
+                      force: bool, as_json: bool) -> None:
     """GPTQ (Frantar et al. 2022) on the CPU, written in the auto-gptq/GPTQModel checkpoint format.
 
     With --group-size 32 the weights are rounded onto GGUF's own block grid, so
@@ -292,7 +304,7 @@ def quantize_gptq_cmd(src: Path, out: Path, bits: str, group_size: str, sym: boo
     opts = GPTQOptions(bits=int(bits), group_size=int(group_size), sym=sym, act_order=act_order, damp=damp,
                        seq_len=seq_len, samples=samples, scale_search=scale_search)
     with _progress(not as_json) as update:
-        report = quantize_gptq(src, out, text, opts, threads=threads or None, progress=update)
+        report = quantize_gptq(src, out, text, opts, threads=threads or None, progress=update, force=force)
     if as_json:
         _emit_json(report.to_json())
     else:
@@ -304,7 +316,8 @@ def quantize_gptq_cmd(src: Path, out: Path, bits: str, group_size: str, sym: boo
 @cli.command()
 @click.argument("gguf", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Output path (default: NAME.Modelfile beside the GGUF).")
-def modelfile(gguf: Path, out: Path | None) -> None:
+@_force_option
+def modelfile(gguf: Path, out: Path | None, force: bool) -> None:
     """Write an Ollama Modelfile for an existing GGUF, from its own metadata.
 
     \b
@@ -316,7 +329,7 @@ def modelfile(gguf: Path, out: Path | None) -> None:
     if not gguf.is_file():
         raise KilnError(f"{gguf}: no such GGUF file")
     warnings: list[str] = []
-    path = write_modelfile_for(gguf, None, warnings, out=out)
+    path = write_modelfile_for(gguf, None, warnings, out=out, force=force)
     click.echo(f"wrote {path}")
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
@@ -392,9 +405,10 @@ def eval_cmd(reference: Path, candidates: tuple[Path, ...], text_file: Path | No
 @click.option("--chunks", type=int, help="Use at most N chunks (default: all the text holds).")
 @click.option("--process-output", is_flag=True, help="Also collect the LM head (output.weight), as llama-imatrix.")
 @click.option("--threads", type=int, default=0, help="Torch threads (0: torch's default).")
+@_force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def imatrix_cmd(src: Path, calib: Path | None, out: Path, ctx: int, chunks: int | None, process_output: bool,
-                threads: int, as_json: bool) -> None:
+                threads: int, force: bool, as_json: bool) -> None:
     """Compute an importance matrix for llama.cpp's quantizer from the checkpoint SRC.
 
     As llama-imatrix computes it (chunks of --ctx tokens, each from an empty cache, BOS first),
@@ -413,7 +427,7 @@ def imatrix_cmd(src: Path, calib: Path | None, out: Path, ctx: int, chunks: int 
     dataset = calib.name if calib is not None else "kiln/data/calibration.txt"
     with _progress(not as_json) as update:
         result, manifest = write_imatrix(src, out, text, dataset, ctx=ctx, chunks=chunks, threads=threads or None,
-                                         process_output=process_output, progress=update)
+                                         process_output=process_output, progress=update, force=force)
     if as_json:
         _emit_json({"imatrix": str(out), "manifest": str(manifest), "dataset": dataset, **result.to_json()})
         return

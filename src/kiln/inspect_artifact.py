@@ -78,31 +78,28 @@ def inspect_checkpoint(path: Path, allow_pickle: bool = False) -> dict[str, Any]
 
 
 def inspect_gguf(path: Path) -> dict[str, Any]:
-    from gguf import GGUFReader
+    """From the GGUF's header alone (kiln.gguf_header: no tensor data is read, the vocabulary is counted,
+    not decoded)."""
+    from kiln.gguf_header import open_gguf
 
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a valid GGUF"
-        raise KilnError(f"{path}: not a valid GGUF file ({exc})") from None
-
-    def get(key: str) -> Any:
-        field = reader.fields.get(key)
-        return field.contents() if field is not None else None
+    g = open_gguf(path)
+    get = g.get
 
     arch = get("general.architecture")
     if arch is None:
         raise KilnError(f"{path}: GGUF key general.architecture is missing")
     from kiln.export.gguf import tensor_stats
 
-    stats = tensor_stats(reader, path)
+    stats = tensor_stats(g, path)
     n_el = stats.n_elements
-    tied = not any(t.name == "output.weight" for t in reader.tensors)
+    tied = g.tensor("output.weight") is None
+    n_tokens = g.array_len("tokenizer.ggml.tokens")
     return {
         "path": str(path), "format": "gguf", "architecture": arch, "name": get("general.name"),
         "n_params": n_el, "tied_embeddings": tied,
         "layers": get(f"{arch}.block_count"), "hidden_size": get(f"{arch}.embedding_length"),
         "heads": get(f"{arch}.attention.head_count"), "kv_heads": get(f"{arch}.attention.head_count_kv"),
-        "vocab_size": len(get("tokenizer.ggml.tokens") or []),
+        "vocab_size": n_tokens if n_tokens is not None else len(get("tokenizer.ggml.tokens") or []),
         "context_length": get(f"{arch}.context_length"),
         "rope": {
             "theta": get(f"{arch}.rope.freq_base"), "type": get(f"{arch}.rope.scaling.type") or "none",

@@ -17,7 +17,8 @@ from kiln.checkpoint import load_checkpoint
 from kiln.checkpoint.rope import resolve
 from kiln.compress.llama_quant import quant_type
 from kiln.errors import KilnError
-from kiln.manifest import file_record, write_manifest, write_manifest_file
+from kiln.manifest import file_record, manifest_path, write_manifest, write_manifest_file
+from kiln.outputs import check_output, may_replace
 
 Progress = Callable[[str, int, int], None]
 
@@ -61,47 +62,40 @@ def export_gguf_artifact(
     n_heads: int | None = None,
     tokenizer: str | Path | None = None,
     progress: Progress | None = None,
+    force: bool = False,
 ) -> GGUFExportResult:
     """Export `src` to the GGUF `out`, verified against `src` unless `verify=False`.
 
     A native Arbor checkpoint (kiln.checkpoint.arbor) goes to llama.cpp's gpt2 architecture;
-    `n_heads` and `tokenizer` are for Arbor sources that do not carry them.
+    `n_heads` and `tokenizer` are for Arbor sources that do not carry them. An existing `out`
+    (and its manifest and Modelfile) is replaced only when kiln wrote it, or with `force`.
     """
     from kiln.checkpoint.arbor import is_native_arbor
     from kiln.export.gguf import default_quant, export_gguf
 
-    out = Path(out)
+    out = check_output(out, "gguf", force=force, sources=(src, imatrix, tokenizer),
+                       companions=lambda dest: _gguf_companions(dest, modelfile))
     if is_native_arbor(src):
         qtype = quant_type(quant or "f16")
         if rope_scaling or original_context or context:
             raise KilnError(f"{src}: a native Arbor checkpoint has absolute positions, no RoPE to scale")
         return _export_arbor_gguf(Path(src), out, qtype, n_heads=n_heads, tokenizer=tokenizer,
                                   imatrix=imatrix, modelfile=modelfile, verify=verify, threads=threads,
-                                  allow_pickle=allow_pickle, progress=progress)
+                                  allow_pickle=allow_pickle, progress=progress, force=force)
     ckpt = load_checkpoint(src, allow_pickle=allow_pickle)
     qtype = quant_type(quant or default_quant(ckpt))
     rope = resolve(ckpt.spec.rope, rope_scaling, original_context, context, allow_shorter_context)
     imatrix_path = Path(imatrix) if imatrix else None
     warnings: list[str] = []
     stats = export_gguf(ckpt, out, qtype, rope, imatrix=imatrix_path, threads=threads, progress=progress,
-                        warnings=warnings)
+                        warnings=warnings, force=force)
     reachable = reachable_missing(ckpt.spec.tokenizer.unrepresentable_bytes) if ckpt.spec.tokenizer else []
     if reachable:
         warnings.append(f"vocabulary has no byte token for {describe(reachable)}: "
                         "llama.cpp aborts on text containing them; kiln's runtime refuses such text")
     mf = None
     if modelfile:
-        mf = write_modelfile_for(out, ckpt.spec.source, warnings)
-    verification = None
-    if verify:
-        from kiln.verify.gguf_check import verify_gguf
-
-        if progress:
-            progress("verify", 0, 1)
-        result = verify_gguf(out, ckpt.spec.source, rope, qtype.name, threads=threads or None)
-        verification = result.to_json()
-        if progress:
-            progress("verify", 1, 1)
+        mf = write_modelfile_for(out, ckpt.spec.source, warnings, force=force)
     record = {
         "kind": "gguf",
         "source": {"path": str(Path(src).resolve()), "sha256": ckpt.source_hash(),
@@ -113,11 +107,37 @@ def export_gguf_artifact(
         "bits_per_weight": round(stats.bits_per_weight, 4),
         "tensor_types": stats.tensor_types,
         "n_params": ckpt.spec.n_params,
-        "verification": verification,
+        "verification": None,
         "warnings": warnings,
     }
+
+    def check() -> dict[str, Any]:
+        from kiln.verify.gguf_check import verify_gguf
+
+        return verify_gguf(out, ckpt.spec.source, rope, qtype.name, threads=threads or None).to_json()
+
+    return _record_and_verify(out, mf, record, check if verify else None, warnings, progress)
+
+
+def _gguf_companions(out: Path, modelfile: bool) -> list[tuple[Path, str]]:
+    """The files an export writes beside the GGUF, checked with it before any work."""
+    return [(manifest_path(out), "manifest")] + ([(modelfile_path(out), "modelfile")] if modelfile else [])
+
+
+def _record_and_verify(out: Path, mf: Path | None, record: dict[str, Any], check: Callable[[], dict[str, Any]] | None,
+                       warnings: list[str], progress: Progress | None) -> GGUFExportResult:
+    """Manifest first (so the GGUF is known as kiln's from the moment it is in place, even if the
+    verification is interrupted), then the verification, then the manifest again with its figures."""
     manifest = write_manifest(out, record)
-    if verification is not None and not verification["passed"]:
+    if check is None:
+        return GGUFExportResult(out, manifest, mf, record, warnings)
+    if progress:
+        progress("verify", 0, 1)
+    verification = record["verification"] = check()
+    if progress:
+        progress("verify", 1, 1)
+    write_manifest(out, record)
+    if not verification["passed"]:
         raise KilnError(f"{out}: verification failed: {verification['criterion']} (see {manifest.name})")
     return GGUFExportResult(out, manifest, mf, record, warnings)
 
@@ -134,7 +154,7 @@ def _arbor_tokenizer_dir(src: Path, tokenizer: str | Path | None) -> Path:
 
 def _export_arbor_gguf(src: Path, out: Path, qtype, *, n_heads: int | None, tokenizer: str | Path | None,
                        imatrix: str | Path | None, modelfile: bool, verify: bool, threads: int,
-                       allow_pickle: bool, progress: Progress | None) -> GGUFExportResult:
+                       allow_pickle: bool, progress: Progress | None, force: bool) -> GGUFExportResult:
     from kiln.checkpoint.arbor import read_arbor
     from kiln.checkpoint.reader import source_hash
     from kiln.checkpoint.tokenizer import read_tokenizer
@@ -147,14 +167,9 @@ def _export_arbor_gguf(src: Path, out: Path, qtype, *, n_heads: int | None, toke
     name = src.stem if src.is_file() else src.name
     stats = write_gguf_atomic(
         out, qtype, lambda dest, q, ftype: write_gpt2_gguf(spec, tensors, tok, dest, q, ftype, name, progress),
-        imatrix=Path(imatrix) if imatrix else None, threads=threads, progress=progress)
+        imatrix=Path(imatrix) if imatrix else None, threads=threads, progress=progress, force=force)
     warnings: list[str] = []
-    mf = write_modelfile_for(out, None, warnings) if modelfile else None
-    verification = None
-    if verify:
-        from kiln.verify.arbor_check import verify_arbor_gguf
-
-        verification = verify_arbor_gguf(out, spec, tensors, qtype.name, threads=threads or None).to_json()
+    mf = write_modelfile_for(out, None, warnings, force=force) if modelfile else None
     record = {
         "kind": "gguf",
         "source": {"path": str(src.resolve()), "sha256": source_hash(src) if src.is_dir() else None,
@@ -166,17 +181,20 @@ def _export_arbor_gguf(src: Path, out: Path, qtype, *, n_heads: int | None, toke
         "files": [file_record(out)] + ([file_record(mf)] if mf else []),
         "bits_per_weight": round(stats.bits_per_weight, 4),
         "tensor_types": stats.tensor_types,
-        "verification": verification,
+        "verification": None,
         "warnings": warnings,
     }
-    manifest = write_manifest(out, record)
-    if verification is not None and not verification["passed"]:
-        raise KilnError(f"{out}: verification failed: {verification['criterion']} (see {manifest.name})")
-    return GGUFExportResult(out, manifest, mf, record, warnings)
+
+    def check() -> dict[str, Any]:
+        from kiln.verify.arbor_check import verify_arbor_gguf
+
+        return verify_arbor_gguf(out, spec, tensors, qtype.name, threads=threads or None).to_json()
+
+    return _record_and_verify(out, mf, record, check if verify else None, warnings, progress)
 
 
 def _export_arbor_onnx(src: Path, out: Path, *, n_heads: int | None, tokenizer: str | Path | None, verify: bool,
-                       threads: int, allow_pickle: bool) -> OnnxExportResult:
+                       threads: int, allow_pickle: bool, force: bool) -> OnnxExportResult:
     """Native Arbor as an exact GPT-2 graph (kiln.export.onnx_gpt2), checked against Arbor's own forward:
     unlike llama.cpp, onnxruntime computes exact-erf GELU, so the flat f32 bound applies."""
     from kiln.atomic import atomic_dir
@@ -189,7 +207,7 @@ def _export_arbor_onnx(src: Path, out: Path, *, n_heads: int | None, tokenizer: 
     tok_dir = _arbor_tokenizer_dir(src, tokenizer)
     tok = read_tokenizer(tok_dir, max(spec.vocab, _tokenizer_size(tok_dir)))
     config, state = to_gpt2(spec, tensors)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, may_replace("onnx", force)) as tmp:
         counts = write_gpt2_onnx(config, state, tmp, tokenizer_dir=tok_dir, eos_token_id=tok.eos_id,
                                  bos_token_id=tok.bos_id)
         verification = None
@@ -229,8 +247,9 @@ def _tokenizer_size(directory: Path) -> int:
 
 
 def write_modelfile_for(gguf: Path, source: Path | None = None, warnings: list[str] | None = None,
-                        out: Path | None = None) -> Path:
-    """Write `<name>.Modelfile` beside `gguf` (with the source's LICENSE copied next to it)."""
+                        out: Path | None = None, force: bool = False) -> Path:
+    """Write `<name>.Modelfile` beside `gguf` (with the source's LICENSE copied next to it, unless a
+    LICENSE is there already); an existing Modelfile not written by kiln is kept unless `force`."""
     from kiln.export.modelfile import render_modelfile
 
     if source is not None:
@@ -241,7 +260,7 @@ def write_modelfile_for(gguf: Path, source: Path | None = None, warnings: list[s
                 with atomic_file(dest) as tmp:
                     shutil.copyfile(lic, tmp)
                 break
-    dest = out or modelfile_path(gguf)
+    dest = check_output(out or modelfile_path(gguf), "modelfile", force=force, sources=(gguf,))
     import os
 
     rel = os.path.relpath(gguf.resolve(), dest.resolve().parent)
@@ -249,7 +268,7 @@ def write_modelfile_for(gguf: Path, source: Path | None = None, warnings: list[s
     result = render_modelfile(gguf, from_ref=ref)
     if warnings is not None:
         warnings.extend(result.warnings)
-    with atomic_file(dest) as tmp:
+    with atomic_file(dest, may_replace("modelfile", force)) as tmp:
         tmp.write_text(result.text, encoding="utf-8")
     return dest
 
@@ -279,17 +298,19 @@ def export_onnx_artifact(
     n_heads: int | None = None,
     tokenizer: str | Path | None = None,
     progress: Progress | None = None,
+    force: bool = False,
 ) -> OnnxExportResult:
     """Export `src` to the ONNX model directory `out` (model.onnx + data, genai_config.json,
     tokenizer files, manifest.json), verified in onnxruntime against `src` unless `verify=False`.
 
-    The directory appears only when complete: it is built beside `out` and renamed into place.
+    The directory appears only when complete: it is built beside `out` and renamed into place. An
+    existing `out` is replaced only when it is a kiln ONNX directory holding nothing else, or with `force`.
     """
     from kiln.atomic import atomic_dir
     from kiln.checkpoint.arbor import is_native_arbor
     from kiln.export.onnx import OnnxOptions, check_supported, export_onnx, options_json
 
-    out = Path(out)
+    out = check_output(out, "onnx", force=force, sources=(src, tokenizer))
     if is_native_arbor(src):
         if precision != "fp32":
             raise KilnError(f"{src}: native Arbor checkpoints export to ONNX at fp32 only (kiln writes that graph "
@@ -297,7 +318,7 @@ def export_onnx_artifact(
         if rope_scaling or original_context or context:
             raise KilnError(f"{src}: a native Arbor checkpoint has absolute positions, no RoPE to scale")
         return _export_arbor_onnx(Path(src), out, n_heads=n_heads, tokenizer=tokenizer, verify=verify,
-                                  threads=threads, allow_pickle=allow_pickle)
+                                  threads=threads, allow_pickle=allow_pickle, force=force)
     options = OnnxOptions(precision=precision, block_size=block_size, symmetric=symmetric,
                           accuracy_level=accuracy_level, lm_head=lm_head, embeddings=embeddings,
                           execution_provider=execution_provider, method=method)
@@ -315,10 +336,8 @@ def export_onnx_artifact(
             raise KilnError(f"{src}: a {ckpt.gptq.bits}-bit GPTQ checkpoint exports as --precision {wanted} "
                             "(its weights go into the graph as they are)")
     rope = resolve(ckpt.spec.rope, rope_scaling, original_context, context, allow_shorter_context)
-    if out.exists() and not out.is_dir():
-        raise KilnError(f"{out}: exists and is not a directory")
     warnings: list[str] = []
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, may_replace("onnx", force)) as tmp:
         stats = export_onnx(ckpt, tmp, options, rope, progress=progress)
         verification = None
         if verify:

@@ -43,11 +43,13 @@ def _words(text: str) -> list[str]:
 @click.option("--tokens", "n_gen", type=int, default=32, show_default=True, help="Timed generation steps per run.")
 @click.option("--label", default=None, help="A label for the report (e.g. 'cost only, random weights').")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True,
-              help="Directory for bench.json, bench.md and bench.png.")
+              help="Directory to create for bench.json, bench.md, bench.png and manifest.json (an existing one "
+                   "is replaced only if it is an earlier kiln bench directory).")
+@click.option("--force", is_flag=True, help="Replace an existing -o directory that kiln did not write.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def bench_cmd(artifacts: tuple[Path, ...], contexts: str, threads: int, particles: str, kv_types: str, flash: str,
               no_anchor: bool, anchor_max_context: int | None, n_gen: int, label: str | None, out: Path,
-              as_json: bool) -> None:
+              force: bool, as_json: bool) -> None:
     """Measure GGUF and ONNX artifacts across context lengths: prompt and generation speed, time to
     first token, peak memory, KV-cache bytes (measured and from the formula), each next to the same
     file in llama-cpp-python's / onnxruntime-genai's own loop and to this machine's bandwidth bound.
@@ -73,7 +75,7 @@ def bench_cmd(artifacts: tuple[Path, ...], contexts: str, threads: int, particle
         if not a.exists():
             raise KilnError(f"{a}: no such file or directory")
     with _progress(True) as progress:
-        report = run_bench(list(artifacts), opts, out, progress=progress)
+        report = run_bench(list(artifacts), opts, out, progress=progress, force=force)
     if as_json:
         _emit_json(report)
         return

@@ -1,6 +1,6 @@
 """The few numbers of an artifact that its speed and memory depend on, read without loading it.
 
-One `Geometry` for GGUF files (gguf-py's reader: metadata only, tensors stay on disk), ONNX
+One `Geometry` for GGUF files (kiln.gguf_header: metadata only, tensors stay on disk), ONNX
 directories (genai_config.json) and Hugging Face checkpoints (config.json, for `kiln plan`), so the
 benchmark, its KV formula and the cost model all read the same fields.
 """
@@ -83,16 +83,10 @@ def read_geometry(path: str | Path) -> Geometry:
 
 
 def _gguf(path: Path) -> Geometry:
-    from gguf import GGUFReader
+    from kiln.gguf_header import open_gguf
 
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a valid GGUF"
-        raise KilnError(f"{path}: not a valid GGUF file ({exc})") from None
-    fields = reader.fields
-
-    def get(key: str, default: Any = None) -> Any:
-        return fields[key].contents() if key in fields else default
+    g = open_gguf(path)
+    get = g.get
 
     arch = get("general.architecture")
     if not arch:
@@ -104,6 +98,8 @@ def _gguf(path: Path) -> Geometry:
         ctx = int(get(f"{arch}.context_length"))
     except (TypeError, ValueError):
         raise KilnError(f"{path}: GGUF lacks the {arch}.* shape keys") from None
+    if n_heads <= 0:
+        raise KilnError(f"{path}: GGUF key {arch}.attention.head_count is {n_heads}")
     n_kv = int(get(f"{arch}.attention.head_count_kv", n_heads))
     head_dim = int(get(f"{arch}.attention.key_length", hidden // n_heads))
     scaling = get(f"{arch}.rope.scaling.type")
@@ -112,14 +108,13 @@ def _gguf(path: Path) -> Geometry:
         factor = float(get(f"{arch}.rope.scaling.factor", 1.0))
         native = int(get(f"{arch}.rope.scaling.original_context_length", ctx / max(factor, 1.0)))
         note = f"{scaling} x{factor:g}"
-    tokens = fields.get("tokenizer.ggml.tokens")
-    vocab = len(tokens.data) if tokens is not None else 0
+    vocab = g.array_len("tokenizer.ggml.tokens") or 0
     # Matmul weights of the types llama.cpp's CPU backend repacks (rows % 8 == 0; embeddings are only gathered).
-    repacked = sum(int(t.n_bytes) for t in reader.tensors
+    repacked = sum(t.n_bytes for t in g.tensors
                    if t.tensor_type.name in ("Q4_0", "Q4_K", "IQ4_NL") and len(t.shape) > 1 and t.shape[1] % 8 == 0
                    and not t.name.startswith(("token_embd", "position_embd")))
     ffn = int(get(f"{arch}.feed_forward_length", 0) or 0)
-    names = {t.name: int(t.n_bytes) for t in reader.tensors}
+    names = {t.name: t.n_bytes for t in g.tensors}
     gathered = names.get("position_embd.weight", 0) + (names.get("token_embd.weight", 0) if "output.weight" in names else 0)
     return Geometry("gguf", arch, n_layers, n_heads, n_kv, head_dim, hidden, vocab, ctx, native, note,
                     path.stat().st_size, 2.0, repacked, ffn, gathered)

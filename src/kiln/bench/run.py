@@ -95,9 +95,16 @@ def _derive(row: dict[str, Any], geo: Geometry, kv: str, bandwidth: float) -> No
 
 
 def run_bench(artifacts: Sequence[str | Path], options: BenchOptions, out: str | Path | None = None,
-              progress: Progress | None = None) -> dict[str, Any]:
-    """Measure every configuration; write bench.json/.md/.png to `out` when given; return the report."""
+              progress: Progress | None = None, force: bool = False) -> dict[str, Any]:
+    """Measure every configuration; write bench.json/.md/.png to `out` when given; return the report.
+
+    `out` is a directory artifact (with manifest.json): a path holding anything else is refused
+    before measuring, unless `force`; a previous kiln bench directory there is replaced whole."""
     options.check()
+    if out is not None:
+        from kiln.outputs import check_output
+
+        check_output(out, "bench", force=force, sources=artifacts)
     paths = [Path(a) for a in artifacts]
     geos = {p: read_geometry(p) for p in paths}
     for p, g in geos.items():
@@ -156,9 +163,15 @@ def run_bench(artifacts: Sequence[str | Path], options: BenchOptions, out: str |
     }
     _attach_predictions(report, geos)
     if out is not None:
+        from kiln.atomic import atomic_dir
         from kiln.bench.report import write_report
+        from kiln.manifest import file_record, write_manifest_file
+        from kiln.outputs import may_replace
 
-        write_report(report, Path(out))
+        with atomic_dir(out, may_replace("bench", force)) as tmp:
+            write_report(report, tmp)
+            files = [file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()]
+            write_manifest_file(tmp / "manifest.json", {"kind": "bench", "files": files})
     return report
 
 

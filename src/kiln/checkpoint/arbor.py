@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.checkpoint.tensors import find_weight_files, open_pickle, open_safetensors
+from kiln.checkpoint.tensors import find_weight_files, open_pickle, open_safetensors, torch_load_weights
 from kiln.errors import KilnError
 from kiln.jsonfile import read_json_object
 
@@ -112,13 +112,10 @@ def _refuse_pickle(path: Path) -> KilnError:
 
 def _torch_load(path: Path) -> Any:
     try:
-        import torch
+        import torch  # noqa: F401 - only to say what is missing
     except ImportError:
         raise KilnError(f"{path}: reading .pt checkpoints needs torch (pip install 'kiln-llm[torch]')") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
-        raise KilnError(f"{path}: cannot load with weights_only=True: {str(exc).splitlines()[0]}") from None
+    return torch_load_weights(path)
 
 
 def _to_numpy(state: dict[str, Any], path: Path, key: str) -> dict[str, np.ndarray]:
@@ -249,7 +246,7 @@ def _safetensors_names(path: Path) -> set[str]:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(size)) if 0 < size < (100 << 20) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return set()
     return set(header) if isinstance(header, dict) else set()
 

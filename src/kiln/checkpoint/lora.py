@@ -119,14 +119,18 @@ def _classify(directory: Path, tensors: TensorSource) -> tuple[list[LoraPair], d
     return pairs, replaced
 
 
-def merge_lora(base: str | Path, adapter: str | Path, out: str | Path) -> dict[str, Any]:
+def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Write `out`: the checkpoint `base` with `adapter` merged in (atomic; nothing at `out` on failure).
 
-    Returns a summary (adapted tensors, rank, scale) for manifests and reports.
+    An existing non-empty `out` is replaced only with `force` (a recipe passes it for the merged
+    checkpoint its own records name). Returns a summary (adapted tensors, rank, scale) for manifests
+    and reports.
     """
     from kiln.checkpoint import load_checkpoint
+    from kiln.outputs import check_output, may_replace
 
-    base, out = Path(base), Path(out)
+    base = Path(base)
+    out = check_output(out, "merged", force=force, sources=(base, adapter))
     ckpt = load_checkpoint(base)
     if ckpt.gptq is not None:
         raise KilnError(f"{base}: merge a LoRA adapter into the float checkpoint, then quantize")
@@ -168,7 +172,7 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path) -> dict[s
         return w + delta
 
     changed = set(by_weight) | set(lora.replaced)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, may_replace("merged", force)) as tmp:
         _write_safetensors(tmp / "model.safetensors", weights, changed, merged)
         for path in sorted(base.iterdir()):
             if path.is_file() and not path.name.endswith(_WEIGHT_FILES) and path.name not in _SKIPPED_FILES \

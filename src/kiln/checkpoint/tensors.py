@@ -11,11 +11,14 @@ largest tensor, not the model. Pickle checkpoints are read only on request, with
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -50,9 +53,12 @@ def _read_header(path: Path) -> list[TensorInfo]:
         (n,) = struct.unpack("<Q", head)
         if n > size - 8 or n > 100_000_000:
             raise KilnError(f"{path}: corrupt safetensors header (length {n} exceeds file size {size})")
+        raw = f.read(n)
+        if len(raw) != n:
+            raise KilnError(f"{path}: truncated safetensors file (header of {n} bytes, file has {size})")
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: JSONDecodeError, 4300+ digit ints
             raise KilnError(f"{path}: corrupt safetensors header (not valid JSON)") from None
     if not isinstance(header, dict):
         raise KilnError(f"{path}: corrupt safetensors header (not a JSON object)")
@@ -63,14 +69,19 @@ def _read_header(path: Path) -> list[TensorInfo]:
             continue
         try:
             dtype, shape, (lo, hi) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
-            if (not isinstance(dtype, str) or hi < lo
-                    or not all(isinstance(v, int) and v >= 0 for v in (lo, hi, *shape))):
+            if (not isinstance(dtype, str)
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (lo, hi, *shape))
+                    or hi < lo):
                 raise ValueError
         except (KeyError, TypeError, ValueError):
             raise KilnError(f"{path}: corrupt safetensors entry for tensor {name!r}") from None
         if dtype not in _DTYPES:
-            raise KilnError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
-        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+            raise KilnError(f"{path}: tensor {name!r} has unsupported dtype {dtype:.40}")
+        # Python ints: a damaged shape like [2**62, 8] must not wrap around in int64 and pass
+        itemsize = np.dtype(_DTYPES[dtype]).itemsize
+        if math.prod(d for d in shape if d) * itemsize >= 2**63:  # numpy refuses such a shape even empty
+            raise KilnError(f"{path}: tensor {name!r} has an impossible shape {list(shape)}")
+        expected = math.prod(shape) * itemsize
         if hi - lo != expected:
             raise KilnError(f"{path}: tensor {name!r} has {hi - lo} bytes, shape {list(shape)} needs {expected}")
         if base + hi > size:
@@ -141,6 +152,54 @@ def open_safetensors(files: list[Path]) -> TensorSource:
     return TensorSource(infos)
 
 
+# Lines of torch's weights_only error text that are advice, not a description of the file: they
+# point the user at loading the file unsafely, which kiln never suggests.
+_TORCH_ADVICE = ("weights_only", "Weights only", "can still be loaded", "safe_globals", "documentation of torch.load",
+                 "Please file an issue", "trusted source", "trust the source", "arbitrary code")
+# the name torch reports comes from the file: keep it to what a Python dotted name can hold
+_REFUSED_OBJECT = re.compile(r"GLOBAL ([\w.<>]{1,120})|reduce for unrecognized function|Can only create new object")
+
+
+def _torch_detail(text: str) -> str | None:
+    """The first line of torch's message that describes the file (not its advice), if any."""
+    for line in text.splitlines():
+        line = line.strip().removeprefix("Weights only load failed.").strip()
+        if line and not any(a in line for a in _TORCH_ADVICE):
+            return "".join(c if c.isprintable() else "?" for c in line[:200])  # text from the file: no escapes
+    return None
+
+
+def pickle_error(path: Path, exc: BaseException) -> KilnError:
+    """One line saying what kiln refused and why, instead of torch's text (whose first line, "Weights
+    only load failed. This file can still be loaded...", steers the user toward an unsafe load)."""
+    text = str(exc)
+    unsafe = _REFUSED_OBJECT.search(text)
+    if unsafe is not None:
+        what = f"GLOBAL {unsafe.group(1)}" if unsafe.group(1) else _torch_detail(text)
+        return KilnError(f"{path}: refused: the pickle holds objects other than tensors and plain containers"
+                         f"{f' ({what})' if what else ''}; kiln loads pickles only with torch's weights_only "
+                         "loader and never runs code from a checkpoint")
+    detail = _torch_detail(text) or type(exc).__name__
+    if "Weights only load failed" in text:
+        return KilnError(f"{path}: torch's weights_only loader cannot read this pickle ({detail}); kiln never "
+                         "runs code from a checkpoint")
+    return KilnError(f"{path}: cannot read the pickle ({detail})")
+
+
+def torch_load_weights(path: Path, mmap: bool = False) -> Any:
+    """`torch.load` with `weights_only=True` (tensors and plain containers only: no code from the
+    file runs); every failure is a one-line KilnError (`pickle_error`). `mmap` applies to torch's
+    zip format only (torch refuses it for the legacy one, which is then read plainly)."""
+    import zipfile
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
+        raise pickle_error(path, exc) from None
+
+
 def open_pickle(files: list[Path]) -> TensorSource:
     """Read `pytorch_model*.bin` with torch's safe loader (no code from the file is executed)."""
     try:
@@ -149,10 +208,7 @@ def open_pickle(files: list[Path]) -> TensorSource:
         raise KilnError("reading .bin checkpoints needs torch (pip install 'kiln-llm[torch]')") from None
     tensors: dict[str, np.ndarray] = {}
     for path in files:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
-            raise KilnError(f"{path}: cannot load with weights_only=True: {str(exc).splitlines()[0]}") from None
+        state = torch_load_weights(path, mmap=True)
         if not isinstance(state, dict):
             raise KilnError(f"{path}: expected a state dict, found {type(state).__name__}")
         for name, value in state.items():

@@ -288,7 +288,7 @@ def _hessian_pass(layer, names: list[str], hidden: list, pe, pos, last: bool,
 
 def _layer_call(layer, hidden, pe, pos):
     out = layer(hidden, attention_mask=None, position_embeddings=pe, position_ids=pos,
-                past_key_values=None, use_cache=False)
+                cache=None, use_cache=False)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -359,10 +359,16 @@ def gptq_config(opts: GPTQOptions) -> GPTQConfig:
                       scale_search=opts.scale_search and grid.symmetric)
 
 
-def write_gptq_checkpoint(ckpt, linears: dict[str, GPTQLinear], config: GPTQConfig, out: Path) -> None:
-    """A GPTQ checkpoint directory (atomically): packed linears, every other tensor in its source dtype."""
+def write_gptq_checkpoint(ckpt, linears: dict[str, GPTQLinear], config: GPTQConfig, out: Path,
+                          record: dict[str, Any] | None = None, force: bool = False) -> None:
+    """A GPTQ checkpoint directory (atomically): packed linears, every other tensor in its source dtype,
+    and kiln's manifest.json (`record` + the files), which marks the directory as kiln's to replace later;
+    an existing `out` is replaced only if it is such a directory holding nothing else, or with `force`."""
     import torch
     from safetensors.torch import save_file
+
+    from kiln.manifest import file_record, write_manifest_file
+    from kiln.outputs import may_replace
 
     src = ckpt.spec.source
     raw = ckpt.tensors
@@ -380,7 +386,7 @@ def write_gptq_checkpoint(ckpt, linears: dict[str, GPTQLinear], config: GPTQConf
         tensors[name] = t
     cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
     cfg["quantization_config"] = config.to_json()
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, may_replace("gptq", force)) as tmp:
         # One metadata key: safetensors writes __metadata__ from a Rust HashMap, whose order changes
         # from process to process, so two keys made the same checkpoint differ byte for byte.
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -389,15 +395,23 @@ def write_gptq_checkpoint(ckpt, linears: dict[str, GPTQLinear], config: GPTQConf
         for name in COPIED_FILES:
             if (src / name).exists():
                 shutil.copy2(src / name, tmp / name)
+        files = [file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()]
+        write_manifest_file(tmp / "manifest.json", {"kind": "gptq", **(record or {}), "files": files})
 
 
 def quantize_gptq(src: str | Path, out: str | Path, text: str, opts: GPTQOptions, threads: int | None = None,
-                  progress: Progress | None = None) -> GPTQReport:
-    """`kiln quantize gptq`: calibrate, quantize and write the checkpoint; nothing is left at `out` on failure."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise KilnError(f"{out}: exists and is not a directory")
+                  progress: Progress | None = None, force: bool = False) -> GPTQReport:
+    """`kiln quantize gptq`: calibrate, quantize and write the checkpoint; nothing is left at `out` on failure,
+    and a path holding anything kiln did not write is refused before calibration starts (unless `force`)."""
+    import hashlib
+
+    from kiln.outputs import check_output
+
+    out = check_output(out, "gptq", force=force, sources=(src,))
     linears, report, ckpt, _ = quantize_model(src, text, opts, threads=threads, progress=progress)
-    write_gptq_checkpoint(ckpt, linears, gptq_config(opts), out)
+    record = {"source": {"path": str(Path(src).resolve()), "sha256": ckpt.source_hash(),
+                         "architecture": ckpt.spec.hf_architecture, "family": ckpt.spec.family},
+              "options": {**opts.__dict__, "calibration_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}}
+    write_gptq_checkpoint(ckpt, linears, gptq_config(opts), out, record, force=force)
     report.out = out
     return report

@@ -16,8 +16,6 @@ llama-quantize and kiln's own `--imatrix` read.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -200,16 +198,18 @@ def save_imatrix(result: ImatrixResult, path: str | Path, dataset: str = "") -> 
 
 def write_imatrix(src: str | Path, out: str | Path, text: str, dataset: str, ctx: int = 512,
                   chunks: int | None = None, threads: int | None = None, process_output: bool = False,
-                  progress: Progress | None = None) -> tuple[ImatrixResult, Path]:
+                  progress: Progress | None = None, force: bool = False) -> tuple[ImatrixResult, Path]:
     """Compute the imatrix of `src` on `text` and write it to `out` (legacy `.dat`) with
-    `out.manifest.json` beside it; returns the result and the manifest's path."""
+    `out.manifest.json` beside it; returns the result and the manifest's path. An existing `out`
+    that kiln did not write is refused before computing (unless `force`)."""
     import hashlib
 
     from kiln.checkpoint import source_hash
-    from kiln.manifest import file_record, write_manifest
+    from kiln.manifest import file_record, manifest_path, write_manifest
+    from kiln.outputs import check_output
 
-    out = Path(out)
-    check_output(out)
+    out = check_output(out, "imatrix", force=force, sources=(src,),
+                       companions=lambda dest: [(manifest_path(dest), "manifest")])
     result = compute_imatrix(src, text, ctx=ctx, chunks=chunks, threads=threads, process_output=process_output,
                              progress=progress)
     save_imatrix(result, out, dataset)
@@ -227,23 +227,5 @@ def write_imatrix(src: str | Path, out: str | Path, text: str, dataset: str, ctx
     return result, write_manifest(out, record)
 
 
-def check_output(path: str | Path) -> None:
-    """Refuse an output path that cannot be written, before minutes of computing (creates nothing)."""
-    path = Path(path)
-    if path.is_dir():
-        raise KilnError(f"{path}: is a directory (expected an imatrix file path)")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise KilnError(f"output directory {parent} is not a directory")
-    try:  # a real probe: os.access says yes to root even where writing fails (/proc, read-only mounts)
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
-    except OSError as exc:
-        raise KilnError(f"output directory {parent} is not writable ({exc.strerror or exc})") from None
-    os.close(fd)
-    os.unlink(probe)
-
-
-__all__ = ["ImatrixResult", "calibration_text", "check_output", "compute_imatrix", "save_imatrix", "tokenize",
+__all__ = ["ImatrixResult", "calibration_text", "compute_imatrix", "save_imatrix", "tokenize",
            "write_imatrix"]

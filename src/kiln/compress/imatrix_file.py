@@ -63,13 +63,11 @@ def _read_legacy(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_gguf(path: Path) -> dict[str, np.ndarray]:
-    from gguf import GGUFReader
+    """llama-imatrix's GGUF format, through kiln's one GGUF reader (same checks, same messages)."""
+    from kiln.gguf_header import open_gguf
 
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # gguf-py raises ValueError/struct errors on corrupt files
-        raise KilnError(f"{path}: corrupt imatrix GGUF ({exc})") from None
-    tensors = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1) for t in reader.tensors}
+    g = open_gguf(path)
+    tensors = {t.name: np.asarray(g.tensor_data(t), dtype=np.float32).reshape(-1) for t in g.tensors}
     out: dict[str, np.ndarray] = {}
     for name, sums in tensors.items():
         if not name.endswith(".in_sum2"):

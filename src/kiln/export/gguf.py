@@ -3,7 +3,7 @@
 Tensors are streamed: the header is planned from shapes alone, then each tensor is
 loaded, converted and written before the next is touched, so peak memory is about
 one tensor (llama.cpp's convert_hf_to_gguf holds far more). Output is atomic, and
-the file is re-read with gguf-py before llama.cpp ever sees it.
+the file is re-read (kiln.gguf_header) before llama.cpp ever sees it.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFReader, GGUFWriter
+from gguf import GGUFWriter
 from gguf.quants import quantize
 
-from kiln.atomic import atomic_file
+from kiln.atomic import atomic_file, temp_prefix
 from kiln.bytelevel import describe, essential_missing, missing_bytes
 from kiln.checkpoint import Checkpoint
 from kiln.checkpoint.layout import expected_tensors
@@ -30,6 +30,8 @@ from kiln.errors import KilnError
 from kiln.export.gguf_arch import ARCHS, gguf_name, transform
 from kiln.export.gguf_blocks import gguf_blocks, gguf_type_for, q4_1_min_error
 from kiln.export.gguf_meta import llama3_rope_factors, write_hparams, write_tokenizer
+from kiln.gguf_header import GGUFFile, open_gguf
+from kiln.outputs import check_output, may_replace
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -170,39 +172,34 @@ def write_direct_gguf(ckpt: Checkpoint, dest: Path, qtype: Q, file_type: int, ro
 
 
 def validate_gguf(path: Path) -> GGUFStats:
-    """Re-read with gguf-py; a file llama.cpp could choke on fails here with a clear message."""
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # gguf-py raises ValueError/IndexError/struct.error on corrupt files
-        raise KilnError(f"{path}: not a valid GGUF file ({exc})") from None
-    fields = reader.fields
+    """Re-read with kiln's GGUF reader; a file llama.cpp could choke on fails here with a clear message."""
+    g = open_gguf(path)
     for key in ("general.architecture", "tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
-        if key not in fields:
+        if key not in g:
             raise KilnError(f"{path}: GGUF key {key} is missing")
-    tokens = fields["tokenizer.ggml.tokens"].contents()
-    if fields["tokenizer.ggml.model"].contents() == "gpt2":
-        essential = essential_missing(missing_bytes(tokens))
+    if g.get("tokenizer.ggml.model") == "gpt2":
+        essential = essential_missing(missing_bytes(g.get("tokenizer.ggml.tokens")))
         if essential:
             raise KilnError(f"{path}: byte-level vocabulary lacks byte tokens for {describe(essential)}; "
                             "llama.cpp would abort on ordinary text")
-    return tensor_stats(reader, path)
+    return tensor_stats(g, path)
 
 
-def tensor_stats(reader: GGUFReader, path: Path) -> GGUFStats:
-    """Tensor type counts and real bits per weight (all tensor bytes over all elements)."""
+def tensor_stats(header: GGUFFile, path: Path) -> GGUFStats:
+    """Tensor type counts and real bits per weight (all tensor bytes over all elements), from the header."""
     types: dict[str, int] = {}
     n_bytes = n_el = 0
-    for t in reader.tensors:
+    for t in header.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-        n_bytes += int(t.n_bytes)
-        n_el += int(t.n_elements)
+        n_bytes += t.n_bytes
+        n_el += t.n_elements
     return GGUFStats(size=path.stat().st_size, bits_per_weight=8 * n_bytes / max(n_el, 1),
                      tensor_types=types, n_elements=n_el)
 
 
 def export_gguf(ckpt: Checkpoint, out: str | os.PathLike[str], quant: QuantType, rope: RopeSettings,
                 imatrix: Path | None = None, threads: int = 0, progress: Progress | None = None,
-                warnings: list[str] | None = None) -> GGUFStats:
+                warnings: list[str] | None = None, force: bool = False) -> GGUFStats:
     """Write `out` atomically: direct types in one pass, others via an f32 intermediate
     (which already holds a GPTQ checkpoint's linears as blocks of the target type)."""
     blocks, notes = gptq_plan(ckpt, quant)
@@ -211,23 +208,23 @@ def export_gguf(ckpt: Checkpoint, out: str | os.PathLike[str], quant: QuantType,
     return write_gguf_atomic(
         Path(out), quant,
         lambda dest, qtype, ftype: write_direct_gguf(ckpt, dest, qtype, ftype, rope, progress, blocks),
-        imatrix=imatrix, threads=threads, progress=progress)
+        imatrix=imatrix, threads=threads, progress=progress, force=force)
 
 
 def write_gguf_atomic(out: Path, quant: QuantType, write_direct: Callable[[Path, Q, int], None],
                       imatrix: Path | None = None, threads: int = 0,
-                      progress: Progress | None = None) -> GGUFStats:
-    """Any architecture's direct writer (f32/f16/bf16) + llama.cpp's quantizer, written atomically."""
-    if out.exists() and out.is_dir():
-        raise KilnError(f"{out}: is a directory, expected a .gguf file path")
+                      progress: Progress | None = None, force: bool = False) -> GGUFStats:
+    """Any architecture's direct writer (f32/f16/bf16) + llama.cpp's quantizer, written atomically;
+    an existing `out` is replaced only if it is a kiln GGUF (kiln.outputs) or `force`."""
+    check_output(out, "gguf", force=force)
     if imatrix is not None and quant.direct:
         raise KilnError(f"--imatrix has no effect on {quant.name}; it applies to quantized types")
-    with atomic_file(out) as tmp:
+    with atomic_file(out, may_replace("gguf", force)) as tmp:
         if quant.direct:
             write_direct(tmp, _DIRECT[quant.name], quant.ftype)
         else:
             # Quantize from f32 so no value is rounded twice (f16 first would shift the grid).
-            fd, mid = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".f32.part", dir=out.parent)
+            fd, mid = tempfile.mkstemp(prefix=temp_prefix(out), suffix=".f32.part", dir=out.parent)
             os.close(fd)
             try:
                 write_direct(Path(mid), Q.F32, 0)

@@ -48,6 +48,7 @@ from typing import Any
 from kiln.atomic import atomic_file
 from kiln.errors import KilnError
 from kiln.export.chat_templates import go_is_print, match_chat_template_with_reason
+from kiln.outputs import MODELFILE_HEADER, check_output, may_replace
 
 log = logging.getLogger(__name__)
 _LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md")
@@ -62,31 +63,26 @@ class ModelfileResult:
 
 
 class _Meta:
-    """Lazy view of a GGUF's key/values: decoding every field (merges!) would cost seconds."""
+    """Lazy view of a GGUF's key/values (kiln.gguf_header): decoding every field (merges!) would cost seconds."""
 
     def __init__(self, path: pathlib.Path) -> None:
-        import gguf  # deferred: importing gguf is slow and only this path needs it
+        from kiln.gguf_header import open_gguf  # deferred: importing gguf is slow and only this path needs it
 
         self.path = path
         if not path.is_file():
             raise KilnError(f"{path}: GGUF file not found")
-        try:
-            self._fields = gguf.GGUFReader(path).fields
-        except Exception as exc:  # GGUFReader raises assorted errors on truncated/corrupt files
-            detail = " ".join(str(exc).split()) or type(exc).__name__
-            raise KilnError(f"{path}: not a readable GGUF file ({detail})") from None
+        self._gguf = open_gguf(path)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._fields
+        return key in self._gguf
 
     def __getitem__(self, key: str) -> Any:
-        try:
-            return self._fields[key].contents()
-        except Exception as exc:
-            raise KilnError(f"{self.path}: cannot decode GGUF key {key} ({type(exc).__name__})") from None
+        if key not in self._gguf:
+            raise KeyError(key)
+        return self._gguf.get(key)
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self[key] if key in self else default
+        return self._gguf.get(key, default)
 
 
 def _require(meta: _Meta, path: pathlib.Path, key: str, kind: type | tuple[type, ...]) -> Any:
@@ -153,7 +149,7 @@ def render_modelfile(gguf_path: str | os.PathLike[str], from_ref: str | None = N
     if not ref.strip() or any(c in ref for c in "\r\n"):
         raise KilnError(f"{path}: cannot write FROM {ref!r} in a Modelfile")
     name = _one_line(meta.get("general.name") or path.stem)
-    lines = [f"# Ollama Modelfile written by kiln for {name}", f"FROM {ref}"]
+    lines = [f"{MODELFILE_HEADER} for {name}", f"FROM {ref}"]
 
     family_stops: tuple[str, ...] = ()
     jinja = meta.get("tokenizer.chat_template")
@@ -190,14 +186,17 @@ def render_modelfile(gguf_path: str | os.PathLike[str], from_ref: str | None = N
     return ModelfileResult("\n".join(lines) + "\n", warnings)
 
 
-def write_modelfile(gguf_path: str | os.PathLike[str], out_path: str | os.PathLike[str] | None = None) -> pathlib.Path:
+def write_modelfile(gguf_path: str | os.PathLike[str], out_path: str | os.PathLike[str] | None = None,
+                    force: bool = False) -> pathlib.Path:
     """Write the Modelfile (default ``<gguf dir>/Modelfile``) atomically and return its path.
 
     ``FROM`` is made relative to the Modelfile's directory. Warnings go to the ``logging``
-    module; call `render_modelfile` to get them as data.
+    module; call `render_modelfile` to get them as data. An existing file there that kiln did not
+    write is kept (KilnError) unless `force`.
     """
     gguf_path = pathlib.Path(gguf_path)
-    dest = pathlib.Path(out_path) if out_path is not None else gguf_path.parent / "Modelfile"
+    dest = check_output(pathlib.Path(out_path) if out_path is not None else gguf_path.parent / "Modelfile",
+                        "modelfile", force=force, sources=(gguf_path,))
     try:
         rel = os.path.relpath(gguf_path.resolve(), dest.resolve().parent)
         ref = rel if rel.startswith("..") or os.path.isabs(rel) else f"./{rel}"
@@ -206,6 +205,6 @@ def write_modelfile(gguf_path: str | os.PathLike[str], out_path: str | os.PathLi
     result = render_modelfile(gguf_path, from_ref=ref.replace(os.sep, "/"))
     for w in result.warnings:
         log.warning("%s", w)
-    with atomic_file(dest) as tmp:
+    with atomic_file(dest, may_replace("modelfile", force)) as tmp:
         tmp.write_text(result.text, encoding="utf-8")
     return dest

@@ -11,18 +11,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.atomic import sha256_file
+from kiln.atomic import sha256_file, sweep_leftovers
 from kiln.errors import KilnError
+from kiln.outputs import is_empty_dir, is_kiln_manifest, refuse_special_paths, written_by_kiln
 from kiln.recipe.load import LoadedRecipe
 from kiln.recipe.plan import LORA, SOURCE, Step, build_plan, needed
-from kiln.recipe.state import clear_state, describe_outputs, digest, dir_digest, read_state, write_state
+from kiln.recipe.state import (describe_outputs, digest, dir_digest, invalidate_state, read_state,
+                               recorded_outputs, write_state)
 from kiln.recipe.steps import RUNNERS, StepContext, text_for
 
 Progress = Callable[[str, int, int], None]
@@ -74,11 +75,20 @@ def _locked(output: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _sweep(output: Path) -> None:
-    """Remove what interrupted writes left: kiln.atomic's hidden `.NAME.*.part` and `.NAME.old` entries."""
-    for path in output.glob(".*"):
-        if path.name.endswith((".part", ".old")):
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+# Steps whose main output carries its own kiln manifest (kiln.outputs can tell it is kiln's without a record).
+_ARTIFACT_KINDS = {"gguf": "gguf", "onnx": "onnx", "gptq": "gptq", "bench": "bench"}
+
+
+def _is_ours(output: Path, name: str, kind: str, recorded: set[str]) -> bool:
+    """May the recipe replace `output/name`? Yes if a step record names it, or it is a kiln artifact."""
+    if name in recorded or any(r.startswith(name + "/") for r in recorded):
+        return True
+    path = output / name
+    if name.endswith(".manifest.json"):
+        return is_kiln_manifest(path)
+    if name.endswith(".Modelfile"):
+        return written_by_kiln(path, "modelfile")
+    return kind in _ARTIFACT_KINDS and (is_empty_dir(path) or written_by_kiln(path, _ARTIFACT_KINDS[kind]))
 
 
 class Runner:
@@ -170,9 +180,10 @@ class Runner:
         With `only`, `force` applies to that step alone: what it needs still comes from the cache."""
         todo = needed(self.steps, self._only(only))
         statuses: list[StepStatus] = []
-        self._source()  # a missing hub checkpoint fails before anything is created
+        refuse_special_paths(self.output, [self._source()])  # a missing hub checkpoint fails before anything
+        self._check_outputs(todo)
         with _locked(self.output):
-            _sweep(self.output)
+            sweep_leftovers(self.output)
             self._input_digests()
             ctx = StepContext(self.output, self.paths, self.texts, self.loaded.lora, self.recipe.threads,
                               self.results, None)
@@ -198,9 +209,25 @@ class Runner:
                 progress("recipe steps", len(todo), len(todo))
         return statuses
 
+    def _check_outputs(self, steps: list[Step]) -> None:
+        """Before anything runs: refuse an output directory where a step would replace a user's file."""
+        if not self.output.is_dir():
+            return
+        recorded = recorded_outputs(self.output)
+        for step in steps:
+            for name in step.outputs:
+                path = self.output / name
+                if (path.exists() or path.is_symlink()) and not _is_ours(self.output, name, step.kind, recorded):
+                    raise KilnError(f"{path}: exists and was not written by this recipe; step {step.id} writes "
+                                    "there: move it away or choose another --output")
+
     def _execute(self, step: Step, ctx: StepContext, progress: Progress | None) -> float:
         key = step.key(self.digests, self.text_hashes())
-        clear_state(self.output, step.id)
+        # outputs named by a record were checked as kiln's: the step's API may replace them
+        recorded = recorded_outputs(self.output)
+        ctx.force = all(_is_ours(self.output, n, "", recorded) for n in step.outputs
+                        if (self.output / n).exists())
+        invalidate_state(self.output, step.id)
         ctx.progress = (lambda stage, done, total: progress(f"{step.id}: {stage}", done, total)) if progress else None
         t0 = time.perf_counter()
         result = RUNNERS[step.kind](step, ctx)

@@ -78,5 +78,30 @@ def write_state(output: Path, step_id: str, record: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
-def clear_state(output: Path, step_id: str) -> None:
-    state_path(output, step_id).unlink(missing_ok=True)
+def invalidate_state(output: Path, step_id: str) -> None:
+    """Before a step runs again: its record stops counting as a cache hit (no key) but keeps naming
+    the files the step wrote, so an interrupted rerun still knows they are kiln's to replace."""
+    path = state_path(output, step_id)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        path.unlink(missing_ok=True)
+        return
+    files = data.get("files") if isinstance(data, dict) else None
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps({"step": step_id, "files": files if isinstance(files, dict) else {}},
+                                  indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def recorded_outputs(output: Path) -> set[str]:
+    """Every relative path some step's record (finished or invalidated) says kiln wrote in `output`."""
+    found: set[str] = set()
+    for path in output.glob(".*.step.json"):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        files = data.get("files") if isinstance(data, dict) else None
+        if isinstance(files, dict):
+            found.update(k for k in files if isinstance(k, str))
+    return found

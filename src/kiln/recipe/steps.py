@@ -1,8 +1,9 @@
 """What each kind of step does: one call into kiln's Python API each, never the CLI.
 
 Every artifact is written by an API that builds it beside its destination and renames it into
-place (kiln.atomic), so an interrupted step leaves at most a hidden `.NAME.*.part` entry, which
-the runner sweeps away before the next run.
+place (kiln.atomic), so an interrupted step leaves at most a hidden `.NAME.kiln-*.part` entry, which
+the runner sweeps away before the next run. Outputs without a manifest of their own (the merged
+checkpoint, eval.json, report.*) are replaced only when a step record names them (`ctx.force`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.atomic import atomic_dir, atomic_file
+from kiln.atomic import atomic_file
 from kiln.recipe.plan import Step
 
 Progress = Callable[[str, int, int], None]
@@ -28,6 +29,12 @@ class StepContext:
     threads: int
     results: dict[str, dict[str, Any]]  # step id -> result of a finished (or cached) step
     progress: Progress | None
+    force: bool = False  # the runner found this step's existing outputs recorded as the recipe's own
+
+
+def _recorded_only(ctx: StepContext) -> Callable[[Path], bool]:
+    """atomic_file's commit check for outputs that only the recipe's records vouch for."""
+    return lambda dest: ctx.force
 
 
 def _source_kwargs(o: dict[str, Any]) -> dict[str, Any]:
@@ -49,7 +56,7 @@ def run_merge(step: Step, ctx: StepContext) -> dict[str, Any]:
     from kiln.checkpoint.lora import merge_lora
 
     assert ctx.lora is not None
-    return merge_lora(ctx.paths[step.inputs[0]], ctx.lora, ctx.output / step.outputs[0])
+    return merge_lora(ctx.paths[step.inputs[0]], ctx.lora, ctx.output / step.outputs[0], force=ctx.force)
 
 
 def run_gguf(step: Step, ctx: StepContext) -> dict[str, Any]:
@@ -104,7 +111,7 @@ def run_eval(step: Step, ctx: StepContext) -> dict[str, Any]:
     by_path = {str(p): sid for sid, p in ctx.paths.items()}
     table = [{**r.to_json(), "step": by_path.get(r.artifact, "source"), "artifact": Path(r.artifact).name}
              for r in rows]
-    with atomic_file(ctx.output / step.outputs[0]) as tmp:
+    with atomic_file(ctx.output / step.outputs[0], _recorded_only(ctx)) as tmp:
         tmp.write_text(json.dumps({"ctx": step.options["ctx"], "rows": table}, indent=2, sort_keys=True) + "\n",
                        encoding="utf-8")
     return {"ctx": step.options["ctx"], "rows": table}
@@ -114,18 +121,17 @@ def run_bench(step: Step, ctx: StepContext) -> dict[str, Any]:
     from kiln.bench.run import BenchOptions, run_bench as bench
 
     artifacts = [ctx.paths[i] for i in step.inputs]
-    with atomic_dir(ctx.output / step.outputs[0]) as tmp:
-        result = bench(artifacts, BenchOptions(**step.options), tmp, progress=ctx.progress)
-    return result
+    return bench(artifacts, BenchOptions(**step.options), ctx.output / step.outputs[0], progress=ctx.progress,
+                 force=ctx.force)
 
 
 def run_report(step: Step, ctx: StepContext) -> dict[str, Any]:
     from kiln.recipe.report import build_report, render_markdown
 
     report = build_report(ctx.output, step.inputs, ctx.paths, ctx.results)
-    with atomic_file(ctx.output / "report.json") as tmp:
+    with atomic_file(ctx.output / "report.json", _recorded_only(ctx)) as tmp:
         tmp.write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    with atomic_file(ctx.output / "report.md") as tmp:
+    with atomic_file(ctx.output / "report.md", _recorded_only(ctx)) as tmp:
         tmp.write_text(render_markdown(report), encoding="utf-8")
     return {}
 

@@ -54,6 +54,11 @@ class Engine(ABC):
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
 
+    def context_text(self) -> str:
+        """How messages name this engine's context: engines that allocate another size than the one
+        asked for (llama.cpp rounds up to a multiple of 256) name both."""
+        return f"the context of {self.n_ctx}"
+
     @abstractmethod
     def prefill(self, tokens: Sequence[int], seq: int = 0, all_logits: bool = False,
                 start: int | None = None) -> np.ndarray:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kiln.errors import KilnError
 from kiln.runtime.chat import render_chat
 from kiln.runtime.engine import Engine
 
@@ -22,8 +23,6 @@ class Generation:
 def chat_prompt(engine: Engine, messages: Sequence[dict[str, str]]) -> list[int]:
     """Tokens of a chat prompt rendered with the artifact's template (bos handled once)."""
     if not engine.chat_template:
-        from kiln.errors import KilnError
-
         raise KilnError("this artifact has no chat template; use a plain prompt")
     bos = engine.detokenize([engine.bos_id]) if engine.bos_id is not None else ""
     text = render_chat(engine.chat_template, messages, bos_token=bos)
@@ -34,6 +33,16 @@ def chat_prompt(engine: Engine, messages: Sequence[dict[str, str]]) -> list[int]
 
 def generate(engine: Engine, prompt: Sequence[int], max_tokens: int = 128, temperature: float = 0.0,
              seed: int | None = None, on_token: Callable[[int], None] | None = None) -> Generation:
+    """Greedy (temperature 0) or sampled decoding of up to `max_tokens` after `prompt`.
+
+    Refused before any work: a negative (or NaN) temperature, which would otherwise decode greedily
+    without a word, and a prompt plus `max_tokens` that cannot fit the engine's context (rather than
+    failing halfway through the answer)."""
+    if not temperature >= 0:
+        raise KilnError(f"temperature {float(temperature)}: must be >= 0 (0 = greedy)")
+    if len(prompt) + max_tokens > engine.n_ctx:
+        raise KilnError(f"prompt of {len(prompt)} tokens (+ {max_tokens} to generate) exceeds "
+                        f"{engine.context_text()}")
     rng = np.random.default_rng(seed)
     engine.reset()
     logits = engine.prefill_prompt(prompt, seq=0, reserve=max_tokens)

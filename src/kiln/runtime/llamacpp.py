@@ -56,6 +56,7 @@ class LlamaCppEngine(Engine):
         self.context_length = lc.llama_model_n_ctx_train(self._model)
         cparams = lc.llama_context_default_params()
         cparams.n_ctx = n_ctx or min(self.context_length, 4096)
+        self.n_ctx_asked = int(cparams.n_ctx)  # llama.cpp rounds it up (to a multiple of 256): see context_text
         cparams.n_batch = n_batch
         cparams.n_ubatch = min(n_batch, 512)
         # Cached prompts live in hidden sequence ids after the caller's (their cells are shared with
@@ -108,6 +109,13 @@ class LlamaCppEngine(Engine):
                 raise KilnError(f"{self.path}: byte-level vocabulary lacks byte tokens for {describe(essential)}; "
                                 "llama.cpp would abort on ordinary text")
             self._unrepresentable = bytes(sorted(missing))
+
+    def context_text(self) -> str:
+        """"the context of N" for messages, naming both sizes when llama.cpp allocated another than was
+        asked for (it rounds up): a user who passed --ctx 16 should not read only "256"."""
+        if self.n_ctx_asked != self.n_ctx:
+            return f"the context of {self.n_ctx_asked} asked for (llama.cpp allocates {self.n_ctx})"
+        return f"the context of {self.n_ctx}"
 
     @staticmethod
     def _opt(token: int) -> int | None:
@@ -175,7 +183,7 @@ class LlamaCppEngine(Engine):
             b.logits[i] = want
         rc = self._lc.llama_decode(self._ctx, b)
         if rc != 0:
-            raise KilnError(f"llama_decode failed (code {rc}): context of {self.n_ctx} tokens may be full")
+            raise KilnError(f"llama_decode failed (code {rc}): {self.context_text()} may be full")
 
     def _logits(self, i: int) -> np.ndarray:
         ptr = self._lc.llama_get_logits_ith(self._ctx, i)
@@ -190,7 +198,7 @@ class LlamaCppEngine(Engine):
         if start is not None and held:
             raise KilnError("a start position can only be given for an empty sequence")
         if held + len(tokens) > self.n_ctx:
-            raise KilnError(f"{held + len(tokens)} tokens exceed the context of {self.n_ctx}")
+            raise KilnError(f"{held + len(tokens)} tokens exceed {self.context_text()}")
         start = self._pos.get(seq, 0) if start is None else start
         out = np.empty((len(tokens), self.vocab_size), dtype=np.float32) if all_logits else None
         last = None
@@ -214,7 +222,7 @@ class LlamaCppEngine(Engine):
         for tok, seq in zip(tokens, seqs, strict=True):
             pos = self._pos.get(seq, 0)
             if self._len.get(seq, 0) >= self.n_ctx:
-                raise KilnError(f"sequence {seq} reached the context limit of {self.n_ctx} tokens")
+                raise KilnError(f"sequence {seq} filled {self.context_text()}")
             entries.append((int(tok), pos, seq, True))
         out = np.empty((len(entries), self.vocab_size), dtype=np.float32)
         for lo in range(0, len(entries), self.n_batch):

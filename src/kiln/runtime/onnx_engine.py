@@ -100,7 +100,8 @@ class OnnxEngine(TokenizersVocab, Engine):
         self._kv_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(kv_type)
         if self._kv_dtype is None:
             raise KilnError(f"{onnx_path}: KV cache type {kv_type} is not supported")
-        self.n_ctx = min(int(n_ctx or min(self.context_length, 4096)), self.context_length)
+        self.n_ctx_asked = int(n_ctx or min(self.context_length, 4096))
+        self.n_ctx = min(self.n_ctx_asked, self.context_length)
         self.n_seq_max = int(n_seq_max)
         self.n_batch = n_batch
         shape = (self.n_seq_max, self.n_kv_heads, self.n_ctx, self.head_dim)
@@ -117,6 +118,14 @@ class OnnxEngine(TokenizersVocab, Engine):
         self._prompt_cache_size = int(prompt_cache)
         self._ort = ort
         self._load_tokenizer(genai)
+
+    def context_text(self) -> str:
+        """"the context of N" for messages, worded as LlamaCppEngine's: both sizes when the model's
+        context length capped what was asked for."""
+        if self.n_ctx_asked != self.n_ctx:
+            return (f"the context of {self.n_ctx_asked} asked for (onnxruntime allocates {self.n_ctx}, "
+                    "the model's context length)")
+        return f"the context of {self.n_ctx}"
 
     # --- tokens -------------------------------------------------------------------------------
     def _load_tokenizer(self, genai: dict[str, Any]) -> None:
@@ -183,7 +192,7 @@ class OnnxEngine(TokenizersVocab, Engine):
         total = lengths + s
         width = int(total.max())
         if width > self.n_ctx:
-            raise KilnError(f"{width} tokens exceed the engine's context of {self.n_ctx} (pass a larger n_ctx)")
+            raise KilnError(f"{width} tokens exceed {self.context_text()} (pass a larger n_ctx)")
         mask = (np.arange(width)[None, :] < total[:, None]).astype(np.int64)
         io = self._binding(lo, lo + b)
         io.bind_cpu_input(self._in.get("input_ids", "input_ids"), np.ascontiguousarray(tokens, np.int64))
@@ -211,7 +220,7 @@ class OnnxEngine(TokenizersVocab, Engine):
         if start is not None and held:
             raise KilnError("a start position can only be given for an empty sequence")
         if held + len(tokens) > self.n_ctx:
-            raise KilnError(f"{held + len(tokens)} tokens exceed the engine's context of {self.n_ctx}")
+            raise KilnError(f"{held + len(tokens)} tokens exceed {self.context_text()}")
         pos0 = int(self._pos[seq]) if held else int(start or 0)
         if pos0 + len(tokens) > self.context_length:
             raise KilnError(f"positions up to {pos0 + len(tokens)} exceed the model's context of "
@@ -258,7 +267,7 @@ class OnnxEngine(TokenizersVocab, Engine):
             positions[index] = self._pos[seqs]
         full = [s for s in range(lo, hi) if self._len[s] >= self.n_ctx]
         if full:
-            raise KilnError(f"sequence {full[0]} reached the engine's context of {self.n_ctx} tokens")
+            raise KilnError(f"sequence {full[0]} filled {self.context_text()}")
         if int(positions.max()) >= self.context_length:
             raise KilnError(f"positions beyond the model's context of {self.context_length}")
         logits = self._decode(lo, tok, self._len[lo:hi], positions)

@@ -222,7 +222,7 @@ def _check_engine(engine: Engine, n: int, prompt_lens: Sequence[int], max_tokens
     if need > engine.n_ctx:
         what = f"a {longest}-token prompt" if k == 1 else f"the longest prompt ({longest} tokens)"
         raise KilnError(f"{what} plus max_tokens={max_tokens} needs a context of {need}, "
-                        f"the engine has {engine.n_ctx}: open it with n_ctx={need} or more")
+                        f"more than {engine.context_text()}: open it with n_ctx={need} or more")
     try:
         from kiln.runtime.llamacpp import LlamaCppEngine
     except ImportError:  # pragma: no cover - the module itself imports nothing optional

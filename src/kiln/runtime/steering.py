@@ -40,7 +40,7 @@ class SteerOptions:
             raise KilnError(f"--max-tokens {self.max_tokens}: must be positive")
         if not 0.0 <= self.ess_threshold <= 1.0:
             raise KilnError(f"--ess-threshold {self.ess_threshold}: must be between 0 and 1")
-        if self.temperature <= 0:
+        if not self.temperature > 0:  # NaN too
             raise KilnError(f"--temperature {self.temperature}: SMC needs a positive temperature (the target is "
                             "the tempered model; greedy decoding has no distribution to correct)")
         if self.timeout is not None and self.timeout <= 0:

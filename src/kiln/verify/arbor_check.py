@@ -38,15 +38,15 @@ def _forward(spec: ArborSpec, tensors: dict[str, np.ndarray], ids: list[int], ac
 
 def dequantized_native(gguf: Path, spec: ArborSpec) -> dict[str, np.ndarray]:
     """The GGUF's tensors, dequantized, under Arbor's native names (the inverse of GPT2_TENSORS)."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
+    from kiln.gguf_header import open_gguf
 
     native = dict(GPT2_TENSORS)
     for i in range(spec.n_layers):
         native.update({f"blk.{i}.{g}": f"layers.{i}.{n}" for g, n in GPT2_LAYER.items()})
     out = {}
-    for t in GGUFReader(gguf).tensors:
-        w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
+    g = open_gguf(gguf)
+    for t in g.tensors:
+        w = g.dequantize(t)
         name = native[t.name]
         if name == "pos_encoding.pe":
             w = w[None]

@@ -104,26 +104,24 @@ def with_gguf_weights(ref: Reference, gguf: str | Path, permuted_qk: bool, n_hea
     This isolates what quantizing the *weights* costs from how llama.cpp runs them: an
     artifact is faithful if llama.cpp's output stays close to this model's.
     """
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
     from kiln.export.gguf_arch import hf_name, unpermute_rows
+    from kiln.gguf_header import open_gguf
 
     torch = ref._torch
     clone = ref.rounded_copy("float32")
     params = dict(clone.model.named_parameters())
     tied_head = "lm_head.weight" in params and params["lm_head.weight"] is params.get("model.embed_tokens.weight")
+    g = open_gguf(gguf)
     with torch.no_grad():
-        for t in GGUFReader(gguf).tensors:
+        for t in g.tensors:
             name = hf_name(t.name)
             if name is None or name not in params:
                 continue
-            w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
+            w = g.dequantize(t)
             if permuted_qk and (".q_proj." in name or ".k_proj." in name):
                 w = unpermute_rows(w, n_heads if ".q_proj." in name else n_kv_heads)
             params[name].copy_(torch.from_numpy(w.copy()))
-    if tied_head is False and "lm_head.weight" in params and not any(
-            t.name == "output.weight" for t in GGUFReader(gguf).tensors):
+    if tied_head is False and "lm_head.weight" in params and g.tensor("output.weight") is None:
         with torch.no_grad():
             params["lm_head.weight"].copy_(params["model.embed_tokens.weight"])
     return clone

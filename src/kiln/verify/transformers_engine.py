@@ -121,7 +121,7 @@ class TransformersEngine(TokenizersVocab, Engine):
         ids = torch.tensor([list(t) for t in tokens], dtype=torch.long)
         pos = torch.tensor([list(range(p, p + len(t))) for p, t in zip(starts, tokens)], dtype=torch.long)
         with torch.no_grad():
-            out = self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True)
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         for i, s in enumerate(seqs):  # tensors are never written in place (the cache grows by cat): share them
             self._kv[s] = [(k[i:i + 1], v[i:i + 1]) for k, v in layers]
