@@ -1,0 +1,67 @@
+"""Refactoring never changes an artifact: every fixture's exports, pinned by sha256.
+
+The exports of every fixture (the four kiln fixtures and the native and Llama-style Arbor ones) as
+f32 / q8_0 / q4_k_m GGUF and fp32 / int4 ONNX (native Arbor: fp32 only, kiln's own GPT-2 graph) must
+hash to the values in tests/artifact_pins.json, written by this test's own code. Exports are
+deterministic (same input and options, same bytes, wherever they are written), so a change of any
+pin is a change of the artifacts: deliberate ones (a new GGUF key, a fixed graph) update the file
+with `KILN_UPDATE_PINS=1 pytest tests/test_artifact_pins.py` and say so in the commit; everything
+else is a regression. Manifests are left out (they record absolute source paths); verification is
+off (tests elsewhere verify every export).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("llama_cpp")
+pytest.importorskip("onnxruntime_genai")
+
+from kiln.fixtures import FIXTURE_NAMES, build  # noqa: E402
+from kiln.fixtures.arbor import build_arbor_fixtures  # noqa: E402
+from kiln.pipeline import export_gguf_artifact, export_onnx_artifact  # noqa: E402
+
+PINS = Path(__file__).with_name("artifact_pins.json")
+GGUF_TYPES = ("f32", "q8_0", "q4_k_m")
+ONNX_PRECISIONS = ("fp32", "int4")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("pins")
+    sources = {name: (build(name, progress=False), {}) for name in FIXTURE_NAMES}
+    arbor = build_arbor_fixtures(root / "arbor")
+    sources["arbor-native"] = (arbor["B"], {"allow_pickle": True})
+    sources["arbor-llama-style"] = (arbor["E"], {})
+    hashes: dict[str, str] = {}
+    for name, (src, kwargs) in sources.items():
+        for quant in GGUF_TYPES:
+            out = root / f"{name}.{quant}.gguf"
+            export_gguf_artifact(src, out, quant, verify=False, **kwargs)
+            hashes[out.name] = _sha(out)
+        for precision in ONNX_PRECISIONS:
+            if name == "arbor-native" and precision != "fp32":
+                continue
+            out = root / f"{name}-{precision}"
+            export_onnx_artifact(src, out, precision, verify=False, **kwargs)
+            for f in sorted(out.iterdir()):
+                if f.name != "manifest.json":
+                    hashes[f"{out.name}/{f.name}"] = _sha(f)
+    return hashes
+
+
+def test_every_fixture_export_is_byte_identical_to_its_pin(exported: dict[str, str]) -> None:
+    if os.environ.get("KILN_UPDATE_PINS") == "1":
+        PINS.write_text(json.dumps(exported, indent=1, sort_keys=True) + "\n")
+    pinned = json.loads(PINS.read_text())
+    changed = sorted(k for k in set(pinned) | set(exported) if pinned.get(k) != exported.get(k))
+    assert not changed, f"artifacts changed: {changed}"
