@@ -152,7 +152,7 @@ def test_gguf_blocks_dequantize_to_the_gptq_weights(name: str, gguf_type: str, g
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from kiln.export.gguf_arch import hf_name, unpermute_rows
+    from kiln import families
     from kiln.pipeline import export_gguf_artifact
 
     out = tmp_path / f"m.{name}.gguf"
@@ -160,15 +160,15 @@ def test_gguf_blocks_dequantize_to_the_gptq_weights(name: str, gguf_type: str, g
     assert result.record["options"]["quant"] == name and not result.warnings
     assert result.record["verification"]["passed"]
     ckpt = load_checkpoint(gptq_dirs[name])
+    family = families.of(ckpt.spec)
     seen = 0
     for t in GGUFReader(out).tensors:
-        hf = hf_name(t.name)
+        hf = family.hf_name(t.name)
         if hf is None or hf[: -len(".weight")] not in ckpt.tensors.linears:
             continue
         assert t.tensor_type.name == gguf_type
         w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
-        if ".q_proj." in hf or ".k_proj." in hf:  # llama arch: q/k rows permuted for NORM rope
-            w = unpermute_rows(w, ckpt.spec.n_heads if ".q_proj." in hf else ckpt.spec.n_kv_heads)
+        w = family.from_gguf(hf, w, ckpt.spec.n_heads, ckpt.spec.n_kv_heads)  # llama: q/k rows for NORM rope
         assert np.array_equal(w, ckpt.tensors.load(hf)), hf
         seen += 1
     assert seen == len(ckpt.tensors.linears) == 14

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,25 +21,9 @@ from kiln.compress.imatrix_file import read_imatrix  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
 from kiln.evaluate import heldout_text  # noqa: E402
 
-KILN = str(Path(sys.executable).parent / "kiln")
+from kiln_cli import kiln, one_line_error  # noqa: E402
+
 CTX = 64
-
-
-def kiln(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", NO_COLOR="1")
-    return subprocess.run([KILN, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env,
-                          stdin=subprocess.DEVNULL)
-
-
-def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    both = proc.stdout + proc.stderr
-    assert proc.returncode != 0, both
-    assert "Traceback" not in both, both
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kiln: error:"), proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def gguf_matrices(src: Path, tmp: Path) -> dict[str, int]:

@@ -16,8 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,8 +23,8 @@ import pytest
 from kiln.atomic import atomic_dir, atomic_file, sweep_leftovers
 from kiln.errors import KilnError
 from kiln.outputs import may_replace, written_by_kiln
+from kiln_cli import kiln, one_line_error
 
-KILN = str(Path(sys.executable).parent / "kiln")
 REPO = Path(__file__).resolve().parents[1]
 
 USER_FILES = {
@@ -36,12 +34,6 @@ USER_FILES = {
     ".hidden.part": b"a user's dot-file that looks like a temp file\n",
     ".cfg.old": b"another one\n",
 }
-
-
-def kiln(*args: str | os.PathLike[str], cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", NO_COLOR="1")
-    return subprocess.run([KILN, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          env=env, stdin=subprocess.DEVNULL)
 
 
 def user_dir(path: Path) -> dict[str, str]:
@@ -61,17 +53,6 @@ def assert_survived(path: Path, before: dict[str, str]) -> None:
     after = snapshot(path)
     for rel, sha in before.items():
         assert after.get(rel) == sha, f"{rel} was changed or deleted"
-
-
-def assert_refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    both = proc.stdout + proc.stderr
-    assert proc.returncode != 0, both
-    assert "Traceback" not in both, both
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kiln: error:"), proc.stderr
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def no_temp_left(path: Path, before: dict[str, str]) -> None:
@@ -104,7 +85,7 @@ def test_user_files_survive_every_writer(args, tiny_qwen2_dir: Path, small_gguf:
     before = user_dir(out)
     filled = [a.format(src=tiny_qwen2_dir, out=out, gguf=small_gguf) for a in args]
     proc = kiln(*filled)
-    assert_refused(proc, str(out), "--force")
+    one_line_error(proc, str(out), "--force")
     assert snapshot(out) == before  # nothing added either: refused before any work
     assert_survived(out, before)
 
@@ -130,7 +111,7 @@ def test_user_modelfile_beside_the_gguf_is_refused_before_work(tiny_qwen2_dir: P
     before = snapshot(out)
     proc = kiln("export", "gguf", tiny_qwen2_dir, "-o", out / "tq2.gguf", "--quant", "f32", "--modelfile",
                 "--no-verify")
-    assert_refused(proc, "tq2.Modelfile")
+    one_line_error(proc, "tq2.Modelfile")
     assert snapshot(out) == before
 
 
@@ -139,7 +120,7 @@ def test_user_manifest_name_beside_the_gguf_is_refused(tiny_qwen2_dir: Path, tmp
     out.mkdir()
     (out / "tq2.gguf.manifest.json").write_text('{"mine": true}\n')
     before = snapshot(out)
-    assert_refused(kiln("export", "gguf", tiny_qwen2_dir, "-o", out / "tq2.gguf", "--quant", "f32", "--no-verify"),
+    one_line_error(kiln("export", "gguf", tiny_qwen2_dir, "-o", out / "tq2.gguf", "--quant", "f32", "--no-verify"),
                    "tq2.gguf.manifest.json")
     assert snapshot(out) == before
 
@@ -167,7 +148,7 @@ def test_recipe_run_keeps_user_files(tiny_qwen2_dir: Path, tmp_path: Path) -> No
     (other / "report.md").write_text("# my report\n")
     before2 = snapshot(other)
     recipe.write_text(recipe.read_text().replace(f"output: {out}", f"output: {other}"))
-    assert_refused(kiln("recipe", "run", recipe), "report.md", "not written by this recipe")
+    one_line_error(kiln("recipe", "run", recipe), "report.md", "not written by this recipe")
     assert snapshot(other) == before2
 
 
@@ -184,7 +165,7 @@ def test_previous_onnx_directory_is_replaced_but_not_once_a_user_file_is_added(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tq2-fp32"]  # no .old / .part left beside it
     (out / "notes.txt").write_text("mine")
     assert not written_by_kiln(out, "onnx")
-    assert_refused(kiln(*args), str(out), "--force")
+    one_line_error(kiln(*args), str(out), "--force")
     assert (out / "notes.txt").read_text() == "mine"
     proc = kiln(*args, "--force")  # the user said so
     assert proc.returncode == 0, proc.stderr
@@ -198,7 +179,7 @@ def test_previous_gguf_is_replaced_user_gguf_only_with_force(tiny_qwen2_dir: Pat
     assert kiln(*args, "--quant", "q8_0").returncode == 0  # kiln's own: replaced
     assert written_by_kiln(out, "gguf")
     out.write_bytes(b"GGUF user bytes")  # the user replaced it with their own file: no longer kiln's
-    assert_refused(kiln(*args), str(out))
+    one_line_error(kiln(*args), str(out))
     assert out.read_bytes() == b"GGUF user bytes"
     assert kiln(*args, "--force").returncode == 0
     assert written_by_kiln(out, "gguf")
@@ -237,7 +218,7 @@ def test_special_output_paths_refused_before_work(command: str, target: str, tin
             "bench": ("bench", gguf, "--contexts", "64", "--no-anchor", "-o", out)}[command]
     before = snapshot(work)
     proc = kiln(*args, "--force", cwd=cwd)
-    line = assert_refused(proc)
+    line = one_line_error(proc)
     assert "-o" in line or "directory" in line, line
     assert snapshot(work) == before
 

@@ -577,12 +577,13 @@ def test_from_spec(vocab, gguf, tmp_path):
         assert isinstance(from_spec(vocab, spec), kind), spec
     assert from_spec(vocab, "regex:a:b").pattern == "a:b"
     assert from_spec(vocab, "style:formal:2.5").strength == 2.5
-    critic = from_spec(vocab, f"critic:{gguf}:0.25", engine_options={"n_ctx": 128, "n_seq_max": 3, "threads": 1})
+    critic = from_spec(vocab, f"critic:{gguf}:0.25", engine_options={"n_ctx": 128, "n_seq_max": 3, "threads": 1},
+                       open_engine=LlamaCppEngine)
     assert isinstance(critic, ReferenceCritic) and critic.beta == 0.25
     critic.set_prompt([1, 2, 3])
     assert critic.prefix(critic.state_of(vocab.tokenize(" hi"))) < 0
     critic.engine.close()
-    for bad, msg in (("nope:1", "unknown potential"), ("regex:(a", "unclosed"), ("json:/no/file.json", "no such"),
+    for bad, msg in (("nope:1", "unknown potential"), ("critic:x.gguf", "engine opener"), ("regex:(a", "unclosed"), ("json:/no/file.json", "no such"),
                      ("lark:/no/file.lark", "no such"), ("style:pirate", "unknown style"), ("stop", "needs arguments"),
                      ("python:os.path", "MODULE:FUNCTION"), ("python:no_such_mod_x:f", "cannot import"),
                      ("sentence:penalty=abc", "number"), ("", "empty"), ("length:max", "key=value")):

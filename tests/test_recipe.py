@@ -73,7 +73,7 @@ def _write(tmp_path: Path, text: str, source: Path) -> Path:
     (lambda t: t.replace("  onnx: [int4]\n", "  onnx: [int4]\n  quant: q8_0\n"), 6,
      "targets.quant: unknown key 'quant' (known: gguf, modelfile, onnx, gptq)"),
     (lambda t: t.replace("gguf: [q8_0]", "gguf:\n    - q8_0\n    - q4_x"), 6,
-     "targets.gguf[1]: unknown quant type 'q4_x' (known: f32, f16"),
+     "targets.gguf[1]: unknown quantization type 'q4_x' (known: f32, f16"),
     (lambda t: t.replace("output: out", "lora: no-such-adapter\noutput: out"), 6,
      "lora: 'no-such-adapter': no such directory"),
     (lambda t: t.replace("output: out", "eval:\n  text: missing.txt\noutput: out"), 7,
@@ -101,7 +101,7 @@ def test_missing_source_and_every_problem_listed(tmp_path: Path) -> None:
     path = _write(tmp_path, text, "./no/such/dir")
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
-    assert err.value.problems[0].startswith(f"{path}:4: targets.gguf[1]: unknown quant type 'nope'")
+    assert err.value.problems[0].startswith(f"{path}:4: targets.gguf[1]: unknown quantization type 'nope'")
     # path problems are reported once the schema holds: fix the type and they show up, at their lines
     path = _write(tmp_path, text.replace(", nope", ""), "./no/such/dir")
     with pytest.raises(RecipeError) as err:

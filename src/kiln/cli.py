@@ -6,7 +6,6 @@ bad usage, 130 for Ctrl-C); tracebacks are reserved for bugs in kiln itself.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -16,63 +15,11 @@ from typing import Any
 import click
 
 from kiln import __version__
+from kiln.cli_common import emit_json, options, progress, read_text, stderr_console
 from kiln.errors import KilnError
 
 
-def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-@contextmanager
-def _progress(enabled: bool):
-    """A rich progress bar fed by `(stage, done, total)` callbacks from the API."""
-    console = _stderr_console() if enabled else None
-    if console is None or not console.is_interactive:
-        # No bar when stderr is not a terminal: rich's Progress.stop() would print a blank
-        # line there, so a failing export's stderr would not be the single error line.
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True, console=console) as bar:
-        tasks: dict[str, int] = {}
-
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
-        yield update
-
-
-def _read_text(path: Path | None, what: str, default):
-    """The text of a --text/--calib file, or `default()` when none was given (one-line error if unreadable)."""
-    if path is None:
-        return default()
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        why = getattr(exc, "strerror", None) or exc
-        raise KilnError(f"{path}: cannot read {what} ({why})") from None
-
-
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def _options(*decorators):
-    """Options several commands share, declared once (applied in the order listed)."""
-    def apply(fn):
-        for decorator in reversed(decorators):
-            fn = decorator(fn)
-        return fn
-    return apply
-
-
-_rope_options = _options(
+_rope_options = options(
     click.option("--rope-scaling", help="Bake RoPE scaling: linear:F, yarn:F or none (default: from config.json)."),
     click.option("--original-context", type=int, help="Context the model was trained at (for --rope-scaling)."),
     click.option("--context", type=int, help="Context length the artifact advertises (default: factor x original)."),
@@ -82,7 +29,7 @@ _force_option = click.option(
     "--force", is_flag=True,
     help="Replace an existing output that kiln did not write (without it such a path is refused; a previous "
          "kiln output of the same kind is replaced anyway).")
-_source_options = _options(
+_source_options = options(
     click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin / .pt (loaded with weights_only=True)."),
     click.option("--n-heads", type=int, help="Attention heads of a native Arbor state dict without a config."),
     click.option("--tokenizer", type=click.Path(path_type=Path),
@@ -124,7 +71,7 @@ def fixtures(names: tuple[str, ...], force: bool, as_json: bool) -> None:
     chosen = names or fx.FIXTURE_NAMES
     paths = {name: str(fx.build(name, force=force, progress=not as_json)) for name in chosen}
     if as_json:
-        _emit_json(paths)
+        emit_json(paths)
     else:
         for name, path in paths.items():
             click.echo(f"{name}: {path}")
@@ -165,14 +112,14 @@ def export_gguf_cmd(src: Path, out: Path, quant: str, imatrix: Path | None, rope
     """
     from kiln.pipeline import export_gguf_artifact
 
-    with _progress(not as_json) as update:
+    with progress(not as_json) as update:
         result = export_gguf_artifact(
             src, out, quant, rope_scaling=rope_scaling, original_context=original_context, context=context,
             allow_shorter_context=allow_shorter_context, imatrix=imatrix, modelfile=modelfile,
             verify=not no_verify, threads=threads, allow_pickle=allow_pickle, n_heads=n_heads, tokenizer=tokenizer,
             progress=update, force=force)
     if as_json:
-        _emit_json(result.record)
+        emit_json(result.record)
         return
     rec = result.record
     where = (f"rope {rec['rope'].get('type')}, context {rec['rope'].get('context_length')}" if "rope" in rec
@@ -232,7 +179,7 @@ def export_onnx_cmd(src: Path, out: Path, precision: str, block_size: int, symme
     """
     from kiln.pipeline import export_onnx_artifact
 
-    with _progress(not as_json) as update:
+    with progress(not as_json) as update:
         result = export_onnx_artifact(
             src, out, precision, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
             lm_head=lm_head, embeddings=embeddings, execution_provider=execution_provider, method=method,
@@ -240,7 +187,7 @@ def export_onnx_cmd(src: Path, out: Path, precision: str, block_size: int, symme
             allow_shorter_context=allow_shorter_context, verify=not no_verify, threads=threads,
             allow_pickle=allow_pickle, n_heads=n_heads, tokenizer=tokenizer, progress=update, force=force)
     if as_json:
-        _emit_json(result.record)
+        emit_json(result.record)
         return
     rec = result.record
     size = sum(f["size"] for f in rec["files"] if f["name"].startswith("model.onnx"))
@@ -300,13 +247,13 @@ def quantize_gptq_cmd(src: Path, out: Path, bits: str, group_size: str, sym: boo
     from kiln.compress.gptq import GPTQOptions, quantize_gptq
     from kiln.compress.imatrix import calibration_text
 
-    text = _read_text(calib, "calibration text", calibration_text)
+    text = read_text(calib, "calibration text", calibration_text)
     opts = GPTQOptions(bits=int(bits), group_size=int(group_size), sym=sym, act_order=act_order, damp=damp,
                        seq_len=seq_len, samples=samples, scale_search=scale_search)
-    with _progress(not as_json) as update:
+    with progress(not as_json) as update:
         report = quantize_gptq(src, out, text, opts, threads=threads or None, progress=update, force=force)
     if as_json:
-        _emit_json(report.to_json())
+        emit_json(report.to_json())
     else:
         click.echo(f"{out}: GPTQ {bits}-bit, group {group_size}, grid {report.grid}, {report.linears} linears in "
                    f"{report.layers} layers, {report.chunks} chunks x {seq_len} tokens, {report.seconds:.0f} s; "
@@ -352,7 +299,7 @@ def inspect(path: Path, as_json: bool, allow_pickle: bool) -> None:
 
     info = inspect_path(path, allow_pickle=allow_pickle)
     if as_json:
-        _emit_json(info)
+        emit_json(info)
         return
     from rich.console import Console
     from rich.table import Table
@@ -387,11 +334,11 @@ def eval_cmd(reference: Path, candidates: tuple[Path, ...], text_file: Path | No
     """
     from kiln.evaluate import evaluate, heldout_text, markdown
 
-    text = _read_text(text_file, "text", heldout_text)
-    with _progress(not as_json) as update:
+    text = read_text(text_file, "text", heldout_text)
+    with progress(not as_json) as update:
         rows = evaluate(reference, candidates, text, ctx=ctx, threads=threads or None, progress=update)
     if as_json:
-        _emit_json({"ctx": ctx, "rows": [r.to_json() for r in rows]})
+        emit_json({"ctx": ctx, "rows": [r.to_json() for r in rows]})
     else:
         click.echo(markdown(rows, ctx))
 
@@ -423,13 +370,13 @@ def imatrix_cmd(src: Path, calib: Path | None, out: Path, ctx: int, chunks: int 
     """
     from kiln.compress.imatrix import calibration_text, write_imatrix
 
-    text = _read_text(calib, "calibration text", calibration_text)
+    text = read_text(calib, "calibration text", calibration_text)
     dataset = calib.name if calib is not None else "kiln/data/calibration.txt"
-    with _progress(not as_json) as update:
+    with progress(not as_json) as update:
         result, manifest = write_imatrix(src, out, text, dataset, ctx=ctx, chunks=chunks, threads=threads or None,
                                          process_output=process_output, progress=update, force=force)
     if as_json:
-        _emit_json({"imatrix": str(out), "manifest": str(manifest), "dataset": dataset, **result.to_json()})
+        emit_json({"imatrix": str(out), "manifest": str(manifest), "dataset": dataset, **result.to_json()})
         return
     click.echo(f"wrote {out} ({len(result.values)} tensors, {result.chunks} chunks x {result.ctx} tokens of "
                f"{dataset}, {result.seconds:.1f}s)")
@@ -483,6 +430,9 @@ def generate(artifact: Path, prompts: tuple[str, ...], chat: bool, system: str |
     "== prompt I/K: TEXT" header before each result (--json: a list, one object per prompt).
     Without SMC they are generated one after another, each under such a header.
 
+    From Python: kiln.runtime.steer_prompts (SMC, the same result objects as --json) and
+    kiln.runtime.generate_prompts (plain generation).
+
     \b
     Examples:
       kiln generate smol.q4_k_m.gguf --chat --prompt "What is the capital of France?"
@@ -493,96 +443,59 @@ def generate(artifact: Path, prompts: tuple[str, ...], chat: bool, system: str |
       kiln generate smol.q4_k_m.gguf --prompt "Dear Sir," -n 16 --potential style:formal --potential sentence
       kiln generate smol.q4_k_m.gguf --chat --prompt "Is ice cold?" --prompt "Is fire cold?" -n 8 --regex "(Yes|No)\\."
     """
-    from kiln.runtime import load
-    from kiln.runtime.generate import chat_prompt, generate as run
-
     steered = particles is not None or regex is not None or json_schema is not None or grammar is not None \
         or bool(potentials)
     if not steered:
-        outs = []
-        with load(artifact, n_ctx=ctx or 4096, threads=threads or None) as engine:
-            for i, prompt in enumerate(prompts):
-                if len(prompts) > 1 and not as_json:
-                    click.echo(_prompt_header(i, prompts))
-                ids = _prompt_ids(engine, prompt, chat, system, chat_prompt)
-                stream = None if as_json else (lambda t: click.echo(engine.detokenize([t]), nl=False))
-                result = run(engine, ids, max_tokens=max_tokens, temperature=temperature or 0.0, seed=seed,
-                             on_token=stream)
-                outs.append({"text": result.text, "tokens": result.tokens, "prompt_tokens": result.prompt_tokens,
-                             "stopped": result.stopped})
-                if not as_json:
-                    click.echo()
-        if as_json:
-            _emit_json(outs[0] if len(prompts) == 1 else outs)
+        _plain_generate(artifact, list(prompts), chat, system, max_tokens, temperature, seed, threads, ctx, as_json)
         return
+    from kiln.runtime.steering import Constraints, SteerOptions, steer_prompts
+
     n = 16 if particles is None else particles
-    if len(prompts) == 1:
-        _steered_generate(artifact, prompts[0], chat, system, max_tokens, temperature, seed, n, regex, json_schema,
-                          grammar, list(potentials), ess_threshold, resampling, timeout, not no_cache, threads, ctx,
-                          as_json)
+    steer_options = SteerOptions(particles=n, max_tokens=max_tokens, ess_threshold=ess_threshold,
+                                 resampling=resampling, temperature=1.0 if temperature is None else temperature,
+                                 seed=seed, timeout=timeout)
+    steer_options.validate()  # before the display starts: a bad flag is the only line on stderr
+    constraints = Constraints(regex=regex, json_schema=json_schema, grammar=grammar, specs=list(potentials))
+    with _smc_display(not as_json, n, len(prompts)) as on_step:
+        outs = steer_prompts(artifact, prompts, steer_options, constraints, chat=chat, system=system,
+                             threads=threads or None, n_ctx=ctx, use_cache=not no_cache, on_step=on_step)
+    if as_json:
+        emit_json(outs[0] if len(prompts) == 1 else outs)
+    elif len(prompts) == 1:
+        out = outs[0]
+        if out["sample"] is None:
+            raise KilnError("no particle finished: every particle was ruled out by the constraints"
+                            + (" or the timeout came first" if out["timed_out"] else ""))
+        _print_steered(out, n, out["cached"])
     else:
-        _steered_generate_batch(artifact, list(prompts), chat, system, max_tokens, temperature, seed, n, regex,
-                                json_schema, grammar, list(potentials), ess_threshold, resampling, timeout, threads,
-                                ctx, as_json)
+        _print_steered_batch(outs, prompts, n)
+
+
+def _plain_generate(artifact: Path, prompts: list[str], chat: bool, system: str | None, max_tokens: int,
+                    temperature: float | None, seed: int | None, threads: int, ctx: int | None,
+                    as_json: bool) -> None:
+    """Without SMC: each prompt in turn, streamed to stdout (under a header when there are several)."""
+    from kiln.runtime.generate import generate_prompts
+
+    def start(i: int) -> None:
+        if i:
+            click.echo()  # ends the previous prompt's streamed text
+        if len(prompts) > 1:
+            click.echo(_prompt_header(i, prompts))
+
+    outs = generate_prompts(artifact, prompts, chat=chat, system=system, max_tokens=max_tokens,
+                            temperature=temperature or 0.0, seed=seed, threads=threads or None, n_ctx=ctx,
+                            on_prompt=None if as_json else start,
+                            on_token=None if as_json else (lambda i, text: click.echo(text, nl=False)))
+    if as_json:
+        emit_json(outs[0] if len(prompts) == 1 else outs)
+    else:
+        click.echo()
 
 
 def _prompt_header(i: int, prompts: Sequence[str]) -> str:
     text = " ".join(prompts[i].split())
     return f"== prompt {i + 1}/{len(prompts)}: {text[:70] + '…' if len(text) > 70 else text}"
-
-
-def _prompt_ids(engine, prompt: str, chat: bool, system: str | None, chat_prompt) -> list[int]:
-    if chat:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return chat_prompt(engine, messages)
-    return engine.tokenize(prompt)
-
-
-def _steer_settings(artifact: Path, particles: int, max_tokens: int, ess_threshold: float, resampling: str,
-                    temperature: float | None, seed: int | None, timeout: float | None, regex: str | None,
-                    json_schema: str | None, grammar: str | None, potentials: list[str]):
-    """(SteerOptions, Constraints) of the SMC flags, validated before any model is opened."""
-    from kiln.runtime.steering import Constraints, SteerOptions
-
-    options = SteerOptions(particles=particles, max_tokens=max_tokens, ess_threshold=ess_threshold,
-                           resampling=resampling, temperature=1.0 if temperature is None else temperature,
-                           seed=seed, timeout=timeout)
-    options.validate()
-    constraints = Constraints(regex=regex, json_schema=json_schema, grammar=grammar, specs=potentials)
-    if not artifact.exists():
-        raise KilnError(f"{artifact}: no such file or directory")
-    return options, constraints
-
-
-def _steered_generate(artifact: Path, prompt: str, chat: bool, system: str | None, max_tokens: int,
-                      temperature: float | None, seed: int | None, particles: int, regex: str | None,
-                      json_schema: str | None, grammar: str | None, potentials: list[str], ess_threshold: float,
-                      resampling: str, timeout: float | None, use_cache: bool, threads: int, ctx: int | None,
-                      as_json: bool) -> None:
-    from kiln.runtime import load
-    from kiln.runtime.cache import artifact_hash
-    from kiln.runtime.generate import chat_prompt
-    from kiln.runtime.steering import engine_sizes, steer
-
-    options, constraints = _steer_settings(artifact, particles, max_tokens, ess_threshold, resampling, temperature,
-                                           seed, timeout, regex, json_schema, grammar, potentials)
-    sizes = engine_sizes(len((system or "").encode()) + len(prompt.encode()) + (64 if chat else 0), options, artifact)
-    if ctx:
-        sizes["n_ctx"] = ctx
-    with load(artifact, threads=threads or None, **sizes) as engine:
-        ids = _prompt_ids(engine, prompt, chat, system, chat_prompt)
-        with _smc_display(not as_json, particles) as on_step:
-            out, hit = steer(engine, ids, options, constraints, on_step=on_step,
-                             cache_key_artifact=artifact_hash(artifact) if use_cache else None, use_cache=use_cache)
-    out["cached"] = hit
-    out["prompt_tokens"] = len(ids)
-    if as_json:
-        _emit_json(out)
-        return
-    if out["sample"] is None:
-        raise KilnError("no particle finished: every particle was ruled out by the constraints"
-                        + (" or the timeout came first" if out["timed_out"] else ""))
-    _print_steered(out, particles, hit)
 
 
 def _print_steered(out: dict[str, Any], particles: int, hit: bool) -> None:
@@ -597,60 +510,8 @@ def _print_steered(out: dict[str, Any], particles: int, hit: bool) -> None:
         click.echo(f"  {row['probability']:6.3f}  {row['text']!r}", file=err)
 
 
-def _steered_generate_batch(artifact: Path, prompts: list[str], chat: bool, system: str | None, max_tokens: int,
-                            temperature: float | None, seed: int | None, particles: int, regex: str | None,
-                            json_schema: str | None, grammar: str | None, potentials: list[str],
-                            ess_threshold: float, resampling: str, timeout: float | None, threads: int,
-                            ctx: int | None, as_json: bool) -> None:
-    """Several prompts through `smc_batch` (no generation cache): one population each, one engine step for all."""
-    from dataclasses import replace
-
-    import numpy as np
-
-    from kiln.runtime import load, smc_batch
-    from kiln.runtime.generate import chat_prompt
-    from kiln.runtime.potentials.base import Vocab
-    from kiln.runtime.steering import build_potentials, engine_sizes, result_json
-
-    options, constraints = _steer_settings(artifact, particles, max_tokens, ess_threshold, resampling, temperature,
-                                           seed, timeout, regex, json_schema, grammar, potentials)
-    k = len(prompts)
-    sizes_of = [len((system or "").encode()) + len(p.encode()) + (64 if chat else 0) for p in prompts]
-    # llama.cpp's one KV pool holds every prompt (16 tokens of slack each); ONNX rows the longest one
-    prompt_bytes = sum(sizes_of) + 16 * (k - 1) if artifact.suffix == ".gguf" else max(sizes_of)
-    sizes = engine_sizes(prompt_bytes, replace(options, particles=k * particles), artifact)
-    if ctx:
-        sizes["n_ctx"] = ctx
-    with load(artifact, threads=threads or None, **sizes) as engine:
-        ids = [_prompt_ids(engine, p, chat, system, chat_prompt) for p in prompts]
-        vocab = Vocab.from_engine(engine)
-        first = build_potentials(vocab, constraints)
-        conditioned = any(p.prompt_conditioned for p in (*first[0], *first[1]))
-
-        def built(i: int):  # prompt-conditioned potentials (critic:) need their own objects per prompt
-            return first if i == 0 or not conditioned else build_potentials(vocab, constraints)
-
-        per_prompt = [built(i) for i in range(k)]
-        with _smc_display(not as_json, particles, k) as on_step:
-            results = smc_batch(engine, ids, particles, proposal=lambda i: per_prompt[i][0] or None,
-                                critics=lambda i: per_prompt[i][1] or None, ess_threshold=options.ess_threshold,
-                                max_tokens=options.max_tokens, resampling=options.resampling,
-                                temperature=options.temperature, seed=options.seed, timeout=options.timeout,
-                                on_step=on_step)
-    outs = []
-    for i, result in enumerate(results):
-        out = result_json(result)
-        if result.particles and any(p.finished for p in result.particles):
-            rng = seed if i == 0 or seed is None else np.random.default_rng([seed, i])
-            out["sample"] = result.sample(rng).text
-        else:
-            out["sample"] = None
-        out["cached"] = False
-        out["prompt_tokens"] = len(ids[i])
-        outs.append(out)
-    if as_json:
-        _emit_json(outs)
-        return
+def _print_steered_batch(outs: list[dict[str, Any]], prompts: Sequence[str], particles: int) -> None:
+    """Each prompt's result under its header; a prompt with no finished particle is a line on stderr."""
     for i, out in enumerate(outs):
         click.echo(_prompt_header(i, prompts))
         if out["sample"] is None:
@@ -665,7 +526,7 @@ def _steered_generate_batch(artifact: Path, prompts: list[str], chat: bool, syst
 @contextmanager
 def _smc_display(enabled: bool, particles: int, prompts: int = 1):
     """A live status line (particles alive, ESS, resamples) on an interactive stderr."""
-    console = _stderr_console() if enabled else None
+    console = stderr_console() if enabled else None
     if console is None or not console.is_interactive:
         yield None
         return

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import KilnError
+from kiln.formats import format_of
 from kiln.verify.parity import kl_rows, log_softmax
 
 Scorer = Callable[[list[int]], np.ndarray]  # token ids -> logits [n, vocab] from an empty cache
@@ -45,24 +46,22 @@ def heldout_text() -> str:
 
 
 def _size(path: Path) -> int:
+    fmt = format_of(path)
+    if fmt is not None:
+        return fmt.weights_bytes(path)
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.name.startswith(("model", "pytorch")))
 
 
 def open_scorer(path: Path, n_ctx: int, threads: int | None) -> tuple[str, Scorer, Callable[[], None]]:
-    """(kind, scorer, close) for an HF checkpoint dir, a .gguf file or an ONNX directory."""
-    if path.is_file() and path.suffix == ".gguf":
-        from kiln.runtime.llamacpp import LlamaCppEngine
-
-        # Verification settings: flash attention off and f32 KV, so only the artifact's rounding shows.
-        engine = LlamaCppEngine(path, n_ctx=n_ctx, threads=threads, flash_attn=False, type_k=0, type_v=0)
-        return "gguf", engine.score, engine.close
-    if path.is_dir() and (path / "genai_config.json").exists():
-        from kiln.runtime.onnx_engine import OnnxEngine
-
-        engine = OnnxEngine(path, n_ctx=n_ctx, threads=threads)
-        return "onnx", engine.score, engine.close
+    """(kind, scorer, close) for a GGUF file, an ONNX directory (kiln.formats) or an HF checkpoint dir."""
+    fmt = format_of(path)
+    if fmt is not None:
+        # the format's verification settings (llama.cpp: flash attention off, f32 KV), so only the
+        # artifact's own rounding shows
+        engine = fmt.open_engine(path, n_ctx=n_ctx, threads=threads, **fmt.verification_options)
+        return fmt.name, engine.score, engine.close
     if path.is_dir() and (path / "config.json").exists():
         from kiln.verify.reference import Reference
 
@@ -74,15 +73,15 @@ def open_scorer(path: Path, n_ctx: int, threads: int | None) -> tuple[str, Score
 
 
 def reference_tokens(path: Path, text: str) -> list[int]:
-    """The reference's own tokenization of `text` (tokenizer.json of a checkpoint or ONNX dir, or the GGUF's)."""
-    if path.is_file() and path.suffix == ".gguf":
-        from kiln.runtime.llamacpp import LlamaCppEngine
-
-        with LlamaCppEngine(path, n_ctx=64) as engine:
+    """The reference's own tokenization of `text` (tokenizer.json of a checkpoint or ONNX dir, or the
+    engine's own for a format that embeds its vocabulary, as GGUF does)."""
+    fmt = format_of(path)
+    tok_path = fmt.tokenizer_json(path) if fmt is not None else path / "tokenizer.json"
+    if tok_path is None:
+        with fmt.open_engine(path, n_ctx=64) as engine:
             return engine.tokenize(text)
     from tokenizers import Tokenizer
 
-    tok_path = path / "tokenizer.json"
     if not tok_path.exists():
         raise KilnError(f"{path}: tokenizer.json is missing")
     return list(Tokenizer.from_file(str(tok_path)).encode(text, add_special_tokens=True).ids)

@@ -269,6 +269,17 @@ class GGUFFile:
         k = self._keys.get(key)
         return k.vtype if k is not None else None
 
+    def tensor_totals(self) -> tuple[dict[str, int], int, int]:
+        """(tensor count by ggml type name, all tensor bytes, all tensor elements): real bits per weight
+        is 8 * bytes / elements, as `kiln inspect` and every export manifest report it."""
+        types: dict[str, int] = {}
+        n_bytes = n_el = 0
+        for t in self.tensors:
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+            n_bytes += t.n_bytes
+            n_el += t.n_elements
+        return types, n_bytes, n_el
+
     def array_len(self, key: str) -> int | None:
         """Elements of an array key without decoding them (None when absent or not an array)."""
         k = self._keys.get(key)

@@ -35,8 +35,9 @@ def write_manifest_file(dest: Path, record: dict[str, Any]) -> Path:
     return dest
 
 
-def read_manifest(artifact: Path) -> dict[str, Any] | None:
-    path = artifact / "manifest.json" if artifact.is_dir() else manifest_path(artifact)
-    if not path.exists():
+def read_manifest_file(dest: Path) -> dict[str, Any] | None:
+    """The manifest at `dest`, or None when there is none. Where an artifact keeps it is its format's
+    business (kiln.formats: `Format.manifest_path`, `Format.manifest`)."""
+    if not dest.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(dest.read_text(encoding="utf-8"))

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.atomic import atomic_file
+from kiln import families
+from kiln.atomic import atomic_dir, atomic_file
 from kiln.bytelevel import describe, reachable_missing
 from kiln.checkpoint import load_checkpoint
 from kiln.checkpoint.rope import resolve
@@ -70,12 +71,11 @@ def export_gguf_artifact(
     `n_heads` and `tokenizer` are for Arbor sources that do not carry them. An existing `out`
     (and its manifest and Modelfile) is replaced only when kiln wrote it, or with `force`.
     """
-    from kiln.checkpoint.arbor import is_native_arbor
     from kiln.export.gguf import default_quant, export_gguf
 
     out = check_output(out, "gguf", force=force, sources=(src, imatrix, tokenizer),
                        companions=lambda dest: _gguf_companions(dest, modelfile))
-    if is_native_arbor(src):
+    if families.claiming(src) is not None:  # read by its family's own reader (native Arbor)
         qtype = quant_type(quant or "f16")
         if rope_scaling or original_context or context:
             raise KilnError(f"{src}: a native Arbor checkpoint has absolute positions, no RoPE to scale")
@@ -114,7 +114,7 @@ def export_gguf_artifact(
     def check() -> dict[str, Any]:
         from kiln.verify.gguf_check import verify_gguf
 
-        return verify_gguf(out, ckpt.spec.source, rope, qtype.name, threads=threads or None).to_json()
+        return verify_gguf(out, ckpt.spec.source, rope, qtype, threads=threads or None).to_json()
 
     return _record_and_verify(out, mf, record, check if verify else None, warnings, progress)
 
@@ -188,7 +188,7 @@ def _export_arbor_gguf(src: Path, out: Path, qtype, *, n_heads: int | None, toke
     def check() -> dict[str, Any]:
         from kiln.verify.arbor_check import verify_arbor_gguf
 
-        return verify_arbor_gguf(out, spec, tensors, qtype.name, threads=threads or None).to_json()
+        return verify_arbor_gguf(out, spec, tensors, qtype, threads=threads or None).to_json()
 
     return _record_and_verify(out, mf, record, check if verify else None, warnings, progress)
 
@@ -197,7 +197,6 @@ def _export_arbor_onnx(src: Path, out: Path, *, n_heads: int | None, tokenizer: 
                        threads: int, allow_pickle: bool, force: bool) -> OnnxExportResult:
     """Native Arbor as an exact GPT-2 graph (kiln.export.onnx_gpt2), checked against Arbor's own forward:
     unlike llama.cpp, onnxruntime computes exact-erf GELU, so the flat f32 bound applies."""
-    from kiln.atomic import atomic_dir
     from kiln.checkpoint.arbor import read_arbor, to_gpt2
     from kiln.checkpoint.reader import source_hash
     from kiln.checkpoint.tokenizer import read_tokenizer
@@ -207,31 +206,48 @@ def _export_arbor_onnx(src: Path, out: Path, *, n_heads: int | None, tokenizer: 
     tok_dir = _arbor_tokenizer_dir(src, tokenizer)
     tok = read_tokenizer(tok_dir, max(spec.vocab, _tokenizer_size(tok_dir)))
     config, state = to_gpt2(spec, tensors)
-    with atomic_dir(out, may_replace("onnx", force)) as tmp:
+
+    def build(tmp: Path) -> dict[str, Any]:
         counts = write_gpt2_onnx(config, state, tmp, tokenizer_dir=tok_dir, eos_token_id=tok.eos_id,
                                  bos_token_id=tok.bos_id)
-        verification = None
-        if verify:
-            from kiln.verify.arbor_check import verify_arbor_onnx
+        return {"kind": "onnx",
+                "source": {"path": str(src.resolve()), "sha256": source_hash(src) if src.is_dir() else None,
+                           "architecture": "arbor", "family": "gpt2", "layout": spec.layout},
+                "options": {"precision": "fp32", "n_heads": n_heads, "tokenizer": str(tok_dir)},
+                "arbor": {"ffn_widths": list(spec.ffn_widths), "max_positions": spec.max_positions,
+                          "activation": spec.activation},
+                "op_counts": counts}
 
-            verification = verify_arbor_onnx(tmp, spec, tensors, threads=threads or None).to_json()
-        record = {
-            "kind": "onnx",
-            "source": {"path": str(src.resolve()), "sha256": source_hash(src) if src.is_dir() else None,
-                       "architecture": "arbor", "family": "gpt2", "layout": spec.layout},
-            "options": {"precision": "fp32", "n_heads": n_heads, "tokenizer": str(tok_dir)},
-            "arbor": {"ffn_widths": list(spec.ffn_widths), "max_positions": spec.max_positions,
-                      "activation": spec.activation},
-            "files": [file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()],
-            "op_counts": counts,
-            "verification": verification,
-            "warnings": [],
-        }
+    def check(tmp: Path) -> dict[str, Any]:
+        from kiln.verify.arbor_check import verify_arbor_onnx
+
+        return verify_arbor_onnx(tmp, spec, tensors, threads=threads or None).to_json()
+
+    return _onnx_directory(out, force, build, check if verify else None, [], None)
+
+
+def _onnx_directory(out: Path, force: bool, build: Callable[[Path], dict[str, Any]],
+                    check: Callable[[Path], dict[str, Any]] | None, warnings: list[str],
+                    progress: Progress | None) -> OnnxExportResult:
+    """Every ONNX export's one sequence: build the directory beside `out`, verify it there, record it
+    (manifest.json inside, listing every file), and only then put it in place; a failed verification
+    still publishes the directory with its figures, and raises."""
+    with atomic_dir(out, may_replace("onnx", force)) as tmp:
+        record = build(tmp)
+        verification = None
+        if check is not None:
+            if progress:
+                progress("verify", 0, 1)
+            verification = check(tmp)
+            if progress:
+                progress("verify", 1, 1)
+        record.update({"files": [file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()],
+                       "verification": verification, "warnings": warnings})
         write_manifest_file(tmp / ONNX_MANIFEST, record)
     manifest = out / ONNX_MANIFEST
     if verification is not None and not verification["passed"]:
         raise KilnError(f"{out}: verification failed: {verification['criterion']} (see {manifest})")
-    return OnnxExportResult(out, manifest, record, [])
+    return OnnxExportResult(out, manifest, record, warnings)
 
 
 def _tokenizer_size(directory: Path) -> int:
@@ -306,12 +322,10 @@ def export_onnx_artifact(
     The directory appears only when complete: it is built beside `out` and renamed into place. An
     existing `out` is replaced only when it is a kiln ONNX directory holding nothing else, or with `force`.
     """
-    from kiln.atomic import atomic_dir
-    from kiln.checkpoint.arbor import is_native_arbor
     from kiln.export.onnx import OnnxOptions, check_supported, export_onnx, options_json
 
     out = check_output(out, "onnx", force=force, sources=(src, tokenizer))
-    if is_native_arbor(src):
+    if families.claiming(src) is not None:  # read by its family's own reader (native Arbor)
         if precision != "fp32":
             raise KilnError(f"{src}: native Arbor checkpoints export to ONNX at fp32 only (kiln writes that graph "
                             "itself; onnxruntime-genai's builder has no GPT-2)")
@@ -336,34 +350,19 @@ def export_onnx_artifact(
             raise KilnError(f"{src}: a {ckpt.gptq.bits}-bit GPTQ checkpoint exports as --precision {wanted} "
                             "(its weights go into the graph as they are)")
     rope = resolve(ckpt.spec.rope, rope_scaling, original_context, context, allow_shorter_context)
-    warnings: list[str] = []
-    with atomic_dir(out, may_replace("onnx", force)) as tmp:
+    def build(tmp: Path) -> dict[str, Any]:
         stats = export_onnx(ckpt, tmp, options, rope, progress=progress)
-        verification = None
-        if verify:
-            from kiln.verify.onnx_check import verify_onnx
+        return {"kind": "onnx",
+                "source": {"path": str(Path(src).resolve()), "sha256": ckpt.source_hash(),
+                           "architecture": ckpt.spec.hf_architecture, "family": ckpt.spec.family},
+                "options": {**options_json(options), "rope_scaling": rope_scaling,
+                            "original_context": original_context, "context": context},
+                "rope": rope.to_json(), "bits_per_weight": round(stats.bits_per_weight, 4),
+                "op_counts": stats.op_counts, "n_params": ckpt.spec.n_params}
 
-            if progress:
-                progress("verify", 0, 1)
-            verification = verify_onnx(tmp, ckpt.spec.source, rope, precision, threads=threads or None).to_json()
-            if progress:
-                progress("verify", 1, 1)
-        record = {
-            "kind": "onnx",
-            "source": {"path": str(Path(src).resolve()), "sha256": ckpt.source_hash(),
-                       "architecture": ckpt.spec.hf_architecture, "family": ckpt.spec.family},
-            "options": {**options_json(options), "rope_scaling": rope_scaling,
-                        "original_context": original_context, "context": context},
-            "rope": rope.to_json(),
-            "files": [file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()],
-            "bits_per_weight": round(stats.bits_per_weight, 4),
-            "op_counts": stats.op_counts,
-            "n_params": ckpt.spec.n_params,
-            "verification": verification,
-            "warnings": warnings,
-        }
-        write_manifest_file(tmp / ONNX_MANIFEST, record)
-    manifest = out / ONNX_MANIFEST
-    if verification is not None and not verification["passed"]:
-        raise KilnError(f"{out}: verification failed: {verification['criterion']} (see {manifest})")
-    return OnnxExportResult(out, manifest, record, warnings)
+    def check(tmp: Path) -> dict[str, Any]:
+        from kiln.verify.onnx_check import verify_onnx
+
+        return verify_onnx(tmp, ckpt.spec.source, rope, precision, threads=threads or None).to_json()
+
+    return _onnx_directory(out, force, build, check if verify else None, [], progress)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from kiln.cli_common import emit_json, progress
 from kiln.errors import KilnError
 
 
@@ -65,7 +66,6 @@ def bench_cmd(artifacts: tuple[Path, ...], contexts: str, threads: int, particle
       kiln bench out/smol-int4 --contexts 1K,4K --threads 4 -o out/bench --json
     """
     from kiln.bench.run import BenchOptions, run_bench
-    from kiln.cli import _emit_json, _progress
 
     opts = BenchOptions(contexts=_ints(contexts, "--contexts"), threads=threads,
                         particles=_ints(particles, "--particles"), kv_types=_words(kv_types),
@@ -74,10 +74,10 @@ def bench_cmd(artifacts: tuple[Path, ...], contexts: str, threads: int, particle
     for a in artifacts:
         if not a.exists():
             raise KilnError(f"{a}: no such file or directory")
-    with _progress(True) as progress:
-        report = run_bench(list(artifacts), opts, out, progress=progress, force=force)
+    with progress(True) as update:
+        report = run_bench(list(artifacts), opts, out, progress=update, force=force)
     if as_json:
-        _emit_json(report)
+        emit_json(report)
         return
     from kiln.bench.report import markdown
 
@@ -110,14 +110,13 @@ def plan_cmd(src: Path, memory: str, context: str | None, target: str, kv_type: 
     """
     from kiln.bench.geometry import KV_TYPE_BYTES
     from kiln.bench.plan import parse_size, plan
-    from kiln.cli import _emit_json
 
     if kv_type not in KV_TYPE_BYTES:
         raise KilnError(f"unknown KV-cache type {kv_type!r} (known: {', '.join(KV_TYPE_BYTES)})")
     ctx = _ints(context, "--context")[0] if context else None
     p = plan(src, parse_size(memory), ctx, target, kv_type=kv_type, flash_attn=flash_attn, particles=particles)
     if as_json:
-        _emit_json(p.to_json())
+        emit_json(p.to_json())
         return
     click.echo(p.explanation)
     click.echo("")

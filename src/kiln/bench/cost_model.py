@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiln import families
 from kiln.bench.geometry import Geometry
 
 MIB = 2 ** 20
@@ -55,41 +56,11 @@ class Tensor:
 
 
 def hf_tensors(config: dict[str, Any]) -> list[Tensor]:
-    """The weight tensors of a Llama/Qwen2/Qwen3 (or GPT-2-layout Arbor) config, in GGUF terms."""
+    """The weight tensors of a config's model in GGUF terms, as its family (kiln.families) lays them out."""
     c = config.get("text_config") or config
-    if "n_embd" in c and "hidden_size" not in c:  # GPT-2 layout (native Arbor)
-        d, L, v = int(c["n_embd"]), int(c["n_layer"]), int(c["vocab_size"])
-        ff = int(c.get("n_inner") or 4 * d)
-        pos = int(c.get("n_positions") or c.get("n_ctx") or 1024)
-        ts = [Tensor("token_embd", "token_embd", None, d, v), Tensor("position_embd", "pos_embd", None, d, pos)]
-        for i in range(L):
-            ts += [Tensor(f"blk.{i}.attn_qkv", "attn_qkv", i, d, 3 * d), Tensor(f"blk.{i}.attn_output", "attn_output", i, d, d),
-                   Tensor(f"blk.{i}.ffn_up", "ffn_up", i, d, ff), Tensor(f"blk.{i}.ffn_down", "ffn_down", i, ff, d),
-                   Tensor(f"blk.{i}.norms", "norm", i, 1, 4 * d), Tensor(f"blk.{i}.biases", "bias", i, 1, 3 * d + d + ff + d)]
-        return ts + [Tensor("output_norm", "norm", None, 1, 2 * d)]
-    d, L, v = int(c["hidden_size"]), int(c["num_hidden_layers"]), int(c["vocab_size"])
-    h = int(c["num_attention_heads"])
-    kv = int(c.get("num_key_value_heads") or h)
-    hd = int(c.get("head_dim") or d // h)
-    ff = int(c["intermediate_size"])
-    arch = (c.get("architectures") or [c.get("model_type", "")])[0].lower()
-    qkv_bias = bool(c.get("attention_bias")) or "qwen2" in arch
-    qk_norm = "qwen3" in arch
+    family = families.for_config(c) or families.Family  # an unregistered name: the generic decoder
     tied = bool(config.get("tie_word_embeddings", c.get("tie_word_embeddings", False)))
-    ts = [Tensor("token_embd", "token_embd", None, d, v)]
-    for i in range(L):
-        ts += [Tensor(f"blk.{i}.attn_q", "attn_q", i, d, h * hd), Tensor(f"blk.{i}.attn_k", "attn_k", i, d, kv * hd),
-               Tensor(f"blk.{i}.attn_v", "attn_v", i, d, kv * hd), Tensor(f"blk.{i}.attn_output", "attn_output", i, h * hd, d),
-               Tensor(f"blk.{i}.ffn_gate", "ffn_gate", i, d, ff), Tensor(f"blk.{i}.ffn_up", "ffn_up", i, d, ff),
-               Tensor(f"blk.{i}.ffn_down", "ffn_down", i, ff, d), Tensor(f"blk.{i}.norms", "norm", i, 1, 2 * d)]
-        if qkv_bias:
-            ts.append(Tensor(f"blk.{i}.qkv_bias", "bias", i, 1, (h + 2 * kv) * hd))
-        if qk_norm:
-            ts.append(Tensor(f"blk.{i}.qk_norm", "norm", i, 1, 2 * hd))
-    ts.append(Tensor("output_norm", "norm", None, 1, d))
-    if not tied:
-        ts.append(Tensor("output", "output", None, d, v))
-    return ts
+    return [Tensor(*row) for row in family.weight_shapes(c, tied)]
 
 
 def _more_bits(i: int, n: int) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import KilnError
+from kiln.formats import ONNX, by_name, format_of
 
 # Bytes per element of llama.cpp's KV-cache types (block types: block bytes / block elements).
 KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
@@ -70,11 +71,11 @@ class Geometry:
 
 
 def read_geometry(path: str | Path) -> Geometry:
+    """The geometry of an artifact (by its format, kiln.formats) or of a checkpoint directory."""
     path = Path(path)
-    if path.is_file() and path.suffix == ".gguf":
-        return _gguf(path)
-    if path.is_dir() and (path / "genai_config.json").is_file():
-        return _onnx(path)
+    fmt = format_of(path)
+    if fmt is not None:
+        return _READERS[fmt.name](path)
     if path.is_dir() and (path / "config.json").is_file():
         return hf_geometry(json.loads((path / "config.json").read_text(encoding="utf-8")), path)
     if not path.exists():
@@ -121,20 +122,21 @@ def _gguf(path: Path) -> Geometry:
 
 
 def _onnx(path: Path) -> Geometry:
+    config = ONNX.config_path(path)
     try:
-        cfg = json.loads((path / "genai_config.json").read_text(encoding="utf-8"))
+        cfg = json.loads(config.read_text(encoding="utf-8"))
         model, dec = cfg["model"], cfg["model"]["decoder"]
         n_layers, n_kv = int(dec["num_hidden_layers"]), int(dec["num_key_value_heads"])
         head_dim, n_heads = int(dec["head_size"]), int(dec["num_attention_heads"])
         hidden, vocab, ctx = int(dec["hidden_size"]), int(model["vocab_size"]), int(model["context_length"])
         filename = dec["filename"]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise KilnError(f"{path / 'genai_config.json'}: missing or malformed entry ({exc})") from None
+        raise KilnError(f"{config}: missing or malformed entry ({exc})") from None
     size = sum(p.stat().st_size for p in path.iterdir() if p.name.startswith(filename))
     native, note = ctx, None
-    manifest = path / "manifest.json"
-    if manifest.is_file():  # kiln's manifest records the RoPE settings it baked into the graph
-        rope = json.loads(manifest.read_text(encoding="utf-8")).get("rope") or {}
+    manifest = by_name("onnx").manifest(path)
+    if manifest is not None:  # kiln's manifest records the RoPE settings it baked into the graph
+        rope = manifest.get("rope") or {}
         if rope.get("type") not in (None, "none"):
             native = int(rope.get("original_context") or ctx)
             note = f"{rope['type']} x{float(rope.get('factor') or 1):g}"
@@ -178,6 +180,9 @@ def _onnx_graph_facts(onnx_path: Path, dec: dict) -> tuple[float, int, int, int]
         return (2.0 if elem == onnx.TensorProto.FLOAT16 else 4.0), packed, widest, gathered
     except Exception:  # noqa: BLE001 - without onnx: float32 KV (kiln's CPU exports), prepacking unknown
         return 4.0, 0, 0, 0
+
+
+_READERS = {"gguf": _gguf, "onnx": _onnx}  # format name -> reader of that format's metadata
 
 
 def hf_geometry(config: dict[str, Any], path: Path | None = None) -> Geometry:

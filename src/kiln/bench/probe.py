@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from kiln.formats import Format, require_format
+
 WARM = 2  # untimed steps before each timed stretch (caches, thread pools)
 CHUNK = 8  # timed steps per engine turn in a pair probe
 
@@ -78,19 +80,15 @@ def _prompt(n: int, vocab: int, seed: int) -> list[int]:
 
 # --- engines ------------------------------------------------------------------------------------
 
+def _format(spec: ProbeSpec) -> Format:
+    return require_format(Path(spec.artifact))
+
+
 def _kiln_engine(spec: ProbeSpec, n_seq: int):
-    path = Path(spec.artifact)
-    if path.is_dir():
-        from kiln.runtime.onnx_engine import OnnxEngine
-
-        return OnnxEngine(path, n_ctx=spec.context, n_seq_max=n_seq, threads=spec.threads)
-    import llama_cpp
-
-    from kiln.runtime.llamacpp import LlamaCppEngine
-
-    t = getattr(llama_cpp, f"GGML_TYPE_{spec.kv_type.upper()}")
-    return LlamaCppEngine(path, n_ctx=spec.context, n_seq_max=n_seq, threads=spec.threads,
-                          flash_attn=spec.flash_attn, type_k=t, type_v=t)
+    """kiln's engine for the artifact; the KV type and flash attention apply where the format has them."""
+    fmt = _format(spec)
+    return fmt.open_engine(Path(spec.artifact), n_ctx=spec.context, n_seq_max=n_seq, threads=spec.threads,
+                           **fmt.engine_options(kv_type=spec.kv_type, flash_attn=spec.flash_attn))
 
 
 def _kv_bytes(engine) -> int | None:
@@ -198,18 +196,15 @@ class GenaiAnchor:
         return times
 
 
+# each format's anchor: the engine library's own plain generation loop on the same artifact
+ANCHORS: dict[str, type[LlamaAnchor] | type[GenaiAnchor]] = {"gguf": LlamaAnchor, "onnx": GenaiAnchor}
+
+
 # --- probes -------------------------------------------------------------------------------------
 
 def _import_runtime(spec: ProbeSpec) -> None:
     """Load the engine's libraries first, so the baseline RSS counts them and the rest is the model's."""
-    if Path(spec.artifact).is_dir():
-        from kiln.runtime.onnx_engine import _ort
-
-        _ort()
-    else:
-        from kiln.runtime.llamacpp import _llama
-
-        _llama()
+    _format(spec).preload()
 
 
 def probe_kiln(spec: ProbeSpec) -> dict[str, Any]:
@@ -230,7 +225,7 @@ def probe_kiln(spec: ProbeSpec) -> dict[str, Any]:
         "rss_loaded_kib": loaded.get("VmRSS"), "peak_rss_kib": end.get("VmHWM"),
         "rss_anon_kib": end.get("RssAnon"), "rss_file_kib": end.get("RssFile"),
     }
-    if not Path(spec.artifact).is_dir():
+    if _format(spec).name == "gguf":  # llama.cpp logs its buffer sizes
         out["llama_buffers"] = _llama_buffers()
     engine.close()
     return out
@@ -240,7 +235,7 @@ def probe_pair(spec: ProbeSpec) -> dict[str, Any]:
     prompt_len, n_gen = plan_tokens(spec, pair=True)
     engine = _kiln_engine(spec, 1)
     kiln = KilnDecoder(engine, 1)
-    anchor = GenaiAnchor(spec) if Path(spec.artifact).is_dir() else LlamaAnchor(spec)
+    anchor = ANCHORS[_format(spec).name](spec)
     prompt = _prompt(prompt_len, engine.vocab_size, spec.seed)
     ttft = {"kiln": kiln.prefill(prompt), "anchor": anchor.prefill(prompt)}
     times: dict[str, list[float]] = {"kiln": [], "anchor": []}

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from kiln import families
 from kiln.atomic import atomic_dir
 from kiln.checkpoint import load_checkpoint
 from kiln.checkpoint.gptq import GPTQConfig, GPTQLinear, pack_linear
@@ -44,12 +45,12 @@ from kiln.errors import KilnError
 
 Progress = Callable[[str, int, int], None]
 
-SEQUENTIAL_GROUPS = [
-    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-    ["self_attn.o_proj"],
-    ["mlp.gate_proj", "mlp.up_proj"],
-    ["mlp.down_proj"],
-]
+
+
+def _supported(capability: str) -> str:
+    """The architectures whose family declares a calibration capability (for refusal messages)."""
+    return "/".join(sorted(a for a, f in families.FAMILIES.items() if getattr(f, capability) is not None))
+
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                 "tokenizer.model", "generation_config.json", "chat_template.jinja", "chat_template.json",
                 "added_tokens.json", "LICENSE", "LICENSE.txt", "LICENSE.md", "README.md")
@@ -210,23 +211,16 @@ def calibration_chunks(tokens: list[int], seq_len: int, samples: int, bos_id: in
 
 
 def _load_float_model(src: Path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoTokenizer
 
-    hf_logging.disable_progress_bar()
+    from kiln.checkpoint.hf_model import float_model
+
     ckpt = load_checkpoint(src)
     if ckpt.gptq is not None:
         raise KilnError(f"{src}: already a GPTQ checkpoint; quantize its float original instead")
-    if ckpt.spec.family not in ("llama", "qwen2", "qwen3"):
-        raise KilnError(f"{src}: GPTQ supports Llama/Qwen2/Qwen3 layouts, not {ckpt.spec.hf_architecture}")
-    from kiln.verify.reference import _hf_config
-    from transformers import AutoConfig
-
-    config = _hf_config(src, AutoConfig)
-    model = AutoModelForCausalLM.from_pretrained(src, config=config, dtype=torch.float32,
-                                                 trust_remote_code=False, attn_implementation="sdpa")
-    model.eval()
+    if families.of(ckpt.spec).gptq_groups is None:
+        raise KilnError(f"{src}: GPTQ supports {_supported('gptq_groups')} layouts, not {ckpt.spec.hf_architecture}")
+    model = float_model(src, attn_implementation="sdpa")
     tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
     return ckpt, model, tok
 
@@ -315,7 +309,8 @@ def quantize_model(src: str | Path, text: str, opts: GPTQOptions, threads: int |
     results: dict[str, GPTQLinear] = {}
     rel_errors: list[float] = []
     out_errors: list[float] = []
-    groups = SEQUENTIAL_GROUPS if opts.true_sequential else [sum(SEQUENTIAL_GROUPS, [])]
+    sequential = families.of(ckpt.spec).gptq_groups  # each group sees the outputs of those before it
+    groups = list(sequential) if opts.true_sequential else [tuple(n for g in sequential for n in g)]
     with torch.no_grad():
         x = torch.tensor(chunks)
         pos = torch.arange(opts.seq_len).unsqueeze(0)

@@ -27,12 +27,7 @@ import numpy as np
 
 from kiln.errors import KilnError
 
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3")
 MIN_CTX = 16  # llama-imatrix ignores matrix products over fewer than 16 tokens
-
-# one hooked module per distinct input: q/k/v read one input, gate/up another
-_HOOKED = {"self_attn.q_proj": ("attn_q", "attn_k", "attn_v"), "self_attn.o_proj": ("attn_output",),
-           "mlp.gate_proj": ("ffn_gate", "ffn_up"), "mlp.down_proj": ("ffn_down",)}
 
 Progress = Callable[[str, int, int], None]
 
@@ -63,17 +58,18 @@ class ImatrixResult:
 
 def _check_source(src: Path):
     """The checkpoint, refused with one line unless it is a Llama/Qwen2/Qwen3 layout."""
+    from kiln import families
     from kiln.checkpoint import load_checkpoint
-    from kiln.checkpoint.arbor import is_native_arbor
 
     if not src.exists():
         raise KilnError(f"{src}: no such file or directory")
-    if is_native_arbor(src):
-        raise KilnError(f"{src}: a native Arbor checkpoint (GPT-2 style); imatrix supports llama/qwen2/qwen3 "
-                        "layouts")
+    supported = "/".join(sorted({f.name for f in families.FAMILIES.values() if f.imatrix_hooks is not None}))
+    claimed = families.claiming(src)
+    if claimed is not None and claimed.imatrix_hooks is None:
+        raise KilnError(f"{src}: {claimed.description}; imatrix supports {supported} layouts")
     ckpt = load_checkpoint(src)
-    if ckpt.spec.family not in SUPPORTED_FAMILIES:
-        raise KilnError(f"{src}: family {ckpt.spec.family!r}; imatrix supports llama/qwen2/qwen3 layouts")
+    if families.of(ckpt.spec).imatrix_hooks is None:
+        raise KilnError(f"{src}: family {ckpt.spec.family!r}; imatrix supports {supported} layouts")
     if getattr(ckpt, "gptq", None) is not None:
         raise KilnError(f"{src}: a GPTQ-quantized checkpoint; compute the imatrix on the float checkpoint")
     if ckpt.spec.tokenizer is None:
@@ -115,14 +111,14 @@ def compute_imatrix(src: str | Path, text: str, ctx: int = 512, chunks: int | No
         import torch
     except ImportError:
         raise KilnError("imatrix needs torch and transformers (pip install 'kiln-llm[torch]')") from None
-    from kiln.verify.reference import Reference
+    from kiln.checkpoint.hf_model import float_model
 
     start = time.perf_counter()
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        model = Reference(src).model
+        model = float_model(src)
         sums, counts, names, handles = _install_hooks(model, ckpt.spec, process_output, torch)
         notes = []
         if process_output and ckpt.spec.tie_embeddings:
@@ -165,8 +161,11 @@ def _install_hooks(model, spec, process_output: bool, torch):
     """Forward hooks accumulating sum of x² per input column (float64) and the token count."""
     modules = dict(model.named_modules())
     names: dict[str, list[str]] = {}
+    from kiln import families
+
+    hooked = families.of(spec).imatrix_hooks  # one module per distinct input
     for layer in range(spec.n_layers):
-        for suffix, tensors in _HOOKED.items():
+        for suffix, tensors in hooked.items():
             names[f"model.layers.{layer}.{suffix}"] = [f"blk.{layer}.{t}.weight" for t in tensors]
     if process_output and not spec.tie_embeddings:
         names["lm_head"] = ["output.weight"]

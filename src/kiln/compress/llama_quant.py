@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from kiln.compress.imatrix_file import read_imatrix
 from kiln.errors import KilnError
@@ -20,10 +21,23 @@ from kiln.errors import KilnError
 
 @dataclass(frozen=True)
 class QuantType:
+    """A GGUF `--quant` type, parsed once (`quant_type`) and handed down as is: the writer, the quantizer,
+    the recipe schema and the verification all read what they need from it, never from its name."""
+
     name: str
     ftype: int  # llama_ftype
     direct: bool  # written by kiln's converter itself (no llama.cpp quantizer pass)
     needs_imatrix: bool = False
+
+    @property
+    def float_dtype(self) -> str | None:
+        """The torch dtype a float type rounds weights to (float32 / float16 / bfloat16); None if quantized."""
+        return {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}.get(self.name)
+
+    @property
+    def gguf_type(self) -> GGMLQuantizationType | None:
+        """The gguf-py tensor type kiln's own writer uses for a direct (float) type."""
+        return GGMLQuantizationType[self.name.upper()] if self.direct else None
 
 
 _ROWS = [
@@ -47,7 +61,7 @@ ALIASES = {"q4_k": "q4_k_m", "q5_k": "q5_k_m", "f64": "f32"}
 def quant_type(name: str) -> QuantType:
     key = ALIASES.get(name.lower(), name.lower())
     if key not in QUANT_TYPES:
-        raise KilnError(f"unknown quantization type {name!r} (choose from {', '.join(QUANT_TYPES)})")
+        raise KilnError(f"unknown quantization type {name!r} (known: {', '.join(QUANT_TYPES)})")
     return QUANT_TYPES[key]
 
 

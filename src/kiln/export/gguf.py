@@ -23,19 +23,16 @@ from gguf.quants import quantize
 from kiln.atomic import atomic_file, temp_prefix
 from kiln.bytelevel import describe, essential_missing, missing_bytes
 from kiln.checkpoint import Checkpoint
-from kiln.checkpoint.layout import expected_tensors
 from kiln.checkpoint.rope import RopeSettings
 from kiln.compress.llama_quant import QuantType, quantize_gguf
+from kiln import families
 from kiln.errors import KilnError
-from kiln.export.gguf_arch import ARCHS, gguf_name, transform
 from kiln.export.gguf_blocks import gguf_blocks, gguf_type_for, q4_1_min_error
 from kiln.export.gguf_meta import llama3_rope_factors, write_hparams, write_tokenizer
 from kiln.gguf_header import GGUFFile, open_gguf
 from kiln.outputs import check_output, may_replace
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
-
-_DIRECT = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}
 
 
 @dataclass(frozen=True)
@@ -51,8 +48,8 @@ def _planned(ckpt: Checkpoint, rope: RopeSettings) -> Iterator[tuple[str, str | 
     spec = ckpt.spec
     if rope.type == "llama3":
         yield "rope_freqs.weight", None, (spec.head_dim // 2,)
-    for hf, shape in expected_tensors(spec).items():
-        yield gguf_name(hf), hf, shape
+    for hf, gguf, shape, _ in families.of(spec).tensors(spec):
+        yield gguf, hf, shape
 
 
 def _convert(arr: np.ndarray, qtype: Q) -> np.ndarray:
@@ -133,10 +130,10 @@ def write_direct_gguf(ckpt: Checkpoint, dest: Path, qtype: Q, file_type: int, ro
     """
     blocks = blocks or {}
     spec = ckpt.spec
-    arch = ARCHS[spec.family]
+    family = families.of(spec)
     if spec.tokenizer is None:
         raise KilnError(f"{spec.source}: no tokenizer; a GGUF without vocabulary cannot run")
-    w = GGUFWriter(dest, arch.name)
+    w = GGUFWriter(dest, family.name)
     write_hparams(w, spec, rope, file_type)
     write_tokenizer(w, spec)
     plan = list(_planned(ckpt, rope))
@@ -155,14 +152,14 @@ def write_direct_gguf(ckpt: Checkpoint, dest: Path, qtype: Q, file_type: int, ro
     for i, (name, hf, shape) in enumerate(plan):
         if hf in blocks:
             raw = gguf_blocks(ckpt.tensors.linear(hf[: -len(".weight")]), blocks[hf])
-            w.write_tensor_data(transform(arch, hf, raw, spec.n_heads, spec.n_kv_heads))
+            w.write_tensor_data(family.to_gguf(hf, raw, spec))
             if progress:
                 progress("convert", i + 1, len(plan))
             continue
         if hf is None:
             arr = llama3_rope_factors(spec, rope)
         else:
-            arr = transform(arch, hf, ckpt.tensors.load(hf), spec.n_heads, spec.n_kv_heads)
+            arr = family.to_gguf(hf, ckpt.tensors.load(hf), spec)
         if not np.isfinite(arr).all():
             raise KilnError(f"{spec.source}: tensor {hf} contains NaN or infinite values")
         w.write_tensor_data(_convert(arr, _tensor_qtype(shape, qtype)))
@@ -187,12 +184,7 @@ def validate_gguf(path: Path) -> GGUFStats:
 
 def tensor_stats(header: GGUFFile, path: Path) -> GGUFStats:
     """Tensor type counts and real bits per weight (all tensor bytes over all elements), from the header."""
-    types: dict[str, int] = {}
-    n_bytes = n_el = 0
-    for t in header.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-        n_bytes += t.n_bytes
-        n_el += t.n_elements
+    types, n_bytes, n_el = header.tensor_totals()
     return GGUFStats(size=path.stat().st_size, bits_per_weight=8 * n_bytes / max(n_el, 1),
                      tensor_types=types, n_elements=n_el)
 
@@ -221,7 +213,7 @@ def write_gguf_atomic(out: Path, quant: QuantType, write_direct: Callable[[Path,
         raise KilnError(f"--imatrix has no effect on {quant.name}; it applies to quantized types")
     with atomic_file(out, may_replace("gguf", force)) as tmp:
         if quant.direct:
-            write_direct(tmp, _DIRECT[quant.name], quant.ftype)
+            write_direct(tmp, quant.gguf_type, quant.ftype)
         else:
             # Quantize from f32 so no value is rounded twice (f16 first would shift the grid).
             fd, mid = tempfile.mkstemp(prefix=temp_prefix(out), suffix=".f32.part", dir=out.parent)

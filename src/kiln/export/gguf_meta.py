@@ -18,18 +18,11 @@ import re
 import numpy as np
 from gguf import GGUFWriter, Keys, RopeScalingType, size_label
 
+from kiln import families
 from kiln.checkpoint.rope import RopeSettings
 from kiln.checkpoint.spec import ModelSpec, TokenizerSpec
 
 _LICENSE_IDS = (("Apache License", "apache-2.0"), ("MIT License", "mit"), ("Llama 3", "llama3"))
-
-# Families whose GGUF carries tokenizer.ggml.add_space_prefix when tokenizer_config.json states
-# add_prefix_space: the converter's LlamaModel.set_vocab writes it, its Qwen2Model/Qwen3Model do not.
-_ADD_SPACE_PREFIX_FAMILIES = frozenset({"llama"})
-
-# Families whose transformers config class always has head_dim (LlamaConfig/MistralConfig default it to
-# hidden/heads, Qwen3Config to 128), so the converter writes {arch}.attention.key_length/value_length.
-_HEAD_DIM_FAMILIES = frozenset({"llama", "qwen3"})
 
 # Not in gguf 0.19.0's Keys, but written by the gguf-py bundled with llama.cpp (and read by it).
 _NORMALIZER_LOWERCASE = "tokenizer.ggml.normalizer.lowercase"
@@ -66,7 +59,7 @@ def write_hparams(w: GGUFWriter, spec: ModelSpec, rope: RopeSettings, file_type:
     # Where the converter writes them: it reads config.json through transformers' AutoConfig, whose
     # Llama/Mistral and Qwen3 configs always define head_dim (Qwen2's only when config.json states it).
     # And whenever head_dim is not hidden/heads, llama.cpp's default.
-    if (spec.family in _HEAD_DIM_FAMILIES or spec.config.get("head_dim") is not None
+    if (families.of(spec).gguf_head_dim_keys or spec.config.get("head_dim") is not None
             or spec.head_dim * spec.n_heads != spec.hidden_size):
         w.add_key_length(spec.head_dim)
         w.add_value_length(spec.head_dim)
@@ -126,7 +119,7 @@ def llama3_rope_factors(spec: ModelSpec, rope: RopeSettings) -> np.ndarray:
 def write_tokenizer(w: GGUFWriter, spec: ModelSpec) -> None:
     assert spec.tokenizer is not None
     write_token_spec(w, spec.tokenizer)
-    if spec.family in _ADD_SPACE_PREFIX_FAMILIES and spec.tokenizer.add_prefix_space is not None:
+    if families.of(spec).gguf_add_space_prefix and spec.tokenizer.add_prefix_space is not None:
         w.add_add_space_prefix(spec.tokenizer.add_prefix_space)
 
 

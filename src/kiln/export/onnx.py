@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from kiln import families
 from kiln.checkpoint.reader import Checkpoint
 from kiln.checkpoint.rope import RopeSettings
 from kiln.errors import KilnError
@@ -42,8 +43,6 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 LM_HEAD_CHOICES = ("quant", "int8", "float")
 EMBEDDING_CHOICES = ("quant", "float")
 QUANT_METHODS = ("default", "rtn", "k_quant")  # the builder's algo_config base methods
-# HF architectures the builder maps onto its GroupQueryAttention decoder (builder.py dispatch).
-BUILDER_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 MODEL_FILE = "model.onnx"
 POSITION_IDS = "position_ids"
 GQA = "GroupQueryAttention"
@@ -128,9 +127,9 @@ class OnnxStats:
 
 def check_supported(ckpt: Checkpoint) -> None:
     spec = ckpt.spec
-    if spec.hf_architecture not in BUILDER_ARCHITECTURES:
-        raise KilnError(f"{spec.source}: ONNX export supports {', '.join(BUILDER_ARCHITECTURES)}, "
-                        f"not {spec.hf_architecture}")
+    if not families.of(spec).onnx_builder:
+        builder = sorted(a for a, f in families.FAMILIES.items() if f.onnx_builder)
+        raise KilnError(f"{spec.source}: ONNX export supports {', '.join(builder)}, not {spec.hf_architecture}")
     widths = {"hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
               "q projection": spec.n_heads * spec.head_dim, "k/v projection": spec.n_kv_heads * spec.head_dim}
     clash = [name for name, width in widths.items() if width == spec.vocab_size]
@@ -257,11 +256,25 @@ def _patch_graph(out: Path, cos: np.ndarray, sin: np.ndarray) -> dict[str, int]:
         found.add(init.name)
     if found != set(tables):
         raise KilnError(f"{model_path}: rotary tables {sorted(set(tables) - found)} not found among the initializers")
+    model.producer_version = builder_version()
     onnx.save(model, str(model_path))
     counts: dict[str, int] = {}
     for n in graph.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
     return counts
+
+
+def builder_version() -> str:
+    """onnxruntime-genai's version and commit, as its builder stamps them when installed from a wheel.
+
+    Why kiln stamps it itself: the builder runs `git rev-parse HEAD` five directories above its own
+    file and, when that lands inside any git repository (a venv in a project checkout, as `make`
+    makes), it records *that* repository's commit, so the same export changed bytes with every kiln
+    commit. The package's own `__commit__` is the one that describes the builder."""
+    import onnxruntime_genai as og
+
+    commit = getattr(og, "__commit__", None)
+    return f"{og.__version__}+{commit[:7]}" if commit else str(og.__version__)
 
 
 def _patch_genai_config(out: Path, context: int) -> None:
@@ -294,7 +307,8 @@ def export_onnx(ckpt: Checkpoint, out: Path, options: OnnxOptions, rope: RopeSet
     except ImportError:
         raise KilnError("ONNX export needs onnxruntime-genai (pip install 'kiln-llm[onnx]')") from None
     context = int(rope.context_length or spec.context_length)
-    with tempfile.TemporaryDirectory(prefix=".kiln-onnx-", dir=out.parent) as work:
+    # named like kiln.atomic's temporaries, so the recipe runner's sweep clears it after a crash
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.kiln-", suffix=".onnx.part", dir=out.parent) as work:
         stage = Path(work) / "source"
         plain = staged_config(spec.config, spec.hf_architecture, rope, spec.rope_theta, plain=True)
         _stage_source(spec.source, stage, plain)

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
+from kiln.cli_common import emit_json, progress
 from kiln.errors import KilnError
 
 _set_option = click.option(
     "--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
     help="Override a recipe value (YAML), e.g. --set targets.gptq.samples=4 --set eval.ctx=256 (repeatable).")
-
-
-def _echo_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 @click.group("recipe")
@@ -51,14 +47,14 @@ def validate_cmd(file: Path, overrides: tuple[str, ...], as_json: bool) -> None:
         loaded = load_recipe(file, overrides)
     except RecipeError as exc:
         if as_json:
-            _echo_json({"valid": False, "problems": exc.problems})
+            emit_json({"valid": False, "problems": exc.problems})
             sys.exit(1)
         for line in exc.problems[:-1]:  # every problem, one line each, as main() prints the last
             click.echo(f"kiln: error: {line}", err=True)
         raise KilnError(exc.problems[-1]) from None
     steps = [s.id for s in build_plan(loaded.recipe, loaded.lora is not None)]
     if as_json:
-        _echo_json({"valid": True, "recipe": loaded.recipe.model_dump(), "source": loaded.source,
+        emit_json({"valid": True, "recipe": loaded.recipe.model_dump(), "source": loaded.source,
                     "source_is_hub_id": loaded.source_is_hub, "output": str(loaded.output), "steps": steps})
         return
     where = f"hub id {loaded.source} (fetched when run)" if loaded.source_is_hub else loaded.source
@@ -89,14 +85,13 @@ def run_cmd(file: Path, dry_run: bool, only: str | None, force: bool, output: Pa
       kiln recipe run recipes/smollm2.yaml --only onnx-int4 --force
       kiln recipe run recipes/smollm2.yaml -o /tmp/smol --set targets.gptq.samples=8 --set bench.enabled=false
     """
-    from kiln.cli import _progress
     from kiln.recipe import Runner, load_recipe
 
     runner = Runner(load_recipe(file, overrides), output)
     if dry_run:
         statuses = runner.plan_status(only, force)
         if as_json:
-            _echo_json({"output": str(runner.output), "steps": [s.to_json() for s in statuses]})
+            emit_json({"output": str(runner.output), "steps": [s.to_json() for s in statuses]})
             return
         for s in statuses:
             click.echo(f"{s.action:>12}  {s.id:<20} {s.reason}")
@@ -106,10 +101,10 @@ def run_cmd(file: Path, dry_run: bool, only: str | None, force: bool, output: Pa
         if not as_json:
             click.echo(line, err=True)
 
-    with _progress(not as_json) as update:
+    with progress(not as_json) as update:
         statuses = runner.run(only, force, progress=update, log=None if update else log)
     if as_json:
-        _echo_json({"output": str(runner.output), "steps": [s.to_json() for s in statuses]})
+        emit_json({"output": str(runner.output), "steps": [s.to_json() for s in statuses]})
         return
     ran = sum(s.action == "run" for s in statuses)
     click.echo(f"{runner.output}: {ran} step(s) run, {len(statuses) - ran} cached; report in "

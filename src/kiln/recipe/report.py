@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from kiln import __version__
+from kiln.formats import require_format
 
 
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.name.startswith("model"))
+def _format_and_size(path: Path) -> tuple[str, int]:
+    """The artifact's format name and the bytes of its model files (kiln.formats)."""
+    fmt = require_format(path, what="recipe's artifact")
+    return fmt.name, fmt.weights_bytes(path)
 
 
 def build_report(output: Path, inputs: list[str], paths: dict[str, Path],
@@ -29,9 +30,9 @@ def build_report(output: Path, inputs: list[str], paths: dict[str, Path],
         res, path = results.get(sid, {}), paths[sid]
         ver = res.get("verification") or {}
         ev = eval_rows.get(sid, {})
+        fmt, size = _format_and_size(path)
         artifacts.append({
-            "step": sid, "artifact": path.relative_to(output).as_posix(),
-            "format": "gguf" if path.suffix == ".gguf" else "onnx", "size": _size(path),
+            "step": sid, "artifact": path.relative_to(output).as_posix(), "format": fmt, "size": size,
             "bits_per_weight": res.get("bits_per_weight"),
             "verified": ver.get("passed"), "verification": ver.get("criterion"),
             "perplexity": ev.get("perplexity"), "mean_kl": ev.get("mean_kl"), "p99_kl": ev.get("p99_kl"),

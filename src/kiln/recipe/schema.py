@@ -23,12 +23,14 @@ class Strict(BaseModel):
 
 
 def _quant(name: str) -> str:
-    from kiln.compress.llama_quant import ALIASES, QUANT_TYPES
+    """The canonical name, through the one parser every --quant goes through (kiln.compress.llama_quant)."""
+    from kiln.compress.llama_quant import quant_type
+    from kiln.errors import KilnError
 
-    key = ALIASES.get(name.lower(), name.lower())
-    if key not in QUANT_TYPES:
-        raise ValueError(f"unknown quant type {name!r} (known: {', '.join(QUANT_TYPES)})")
-    return key
+    try:
+        return quant_type(name).name
+    except KilnError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _unique(values: list[str]) -> list[str]:

@@ -1,31 +1,30 @@
-"""Run exported artifacts. Embeds without torch: imports only numpy and the engine's own library."""
+"""Run exported artifacts. Embeds without torch: imports only numpy and the engine's own library.
+
+`load(path)` opens a GGUF file or an ONNX directory with its engine (kiln.formats decides which);
+`smc` / `smc_batch` steer an open engine; `steer_prompts` is `kiln generate --particles` as one
+call (engine sizing, chat template, per-prompt seeds, the generation cache); `generate_prompts` is
+plain `kiln generate`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from kiln.errors import KilnError
+from kiln.formats import open_engine
 from kiln.runtime.engine import Engine
+from kiln.runtime.generate import generate_prompts
+from kiln.runtime.smc import SMCResult, locally_constrained, smc, smc_batch
+from kiln.runtime.steering import Constraints, SteerOptions, steer_prompts
 
 
-def load(path: str | Path, **options) -> Engine:
-    """Open an artifact with the engine its format needs: a .gguf file -> llama.cpp, an ONNX
-    model directory (genai_config.json + model.onnx) -> onnxruntime."""
-    path = Path(path)
-    if path.suffix == ".gguf":
-        from kiln.runtime.llamacpp import LlamaCppEngine
-
-        return LlamaCppEngine(path, **options)
-    if not path.exists():
-        raise KilnError(f"{path}: no such file or directory")
-    if path.is_dir() and (path / "genai_config.json").exists():
-        from kiln.runtime.onnx_engine import OnnxEngine
-
-        return OnnxEngine(path, **options)
-    raise KilnError(f"{path}: unsupported artifact (expected a .gguf file or an ONNX directory with "
-                    "genai_config.json)")
+def load(path: str | Path, **options: Any) -> Engine:
+    """Open an artifact with the engine its format needs: a .gguf file (or a file with GGUF's magic)
+    -> llama.cpp, an ONNX model directory (genai_config.json + model.onnx) -> onnxruntime. Options go
+    to the engine (n_ctx, n_seq_max, threads, ...). A missing path or one of no artifact format is a
+    one-line KilnError."""
+    return open_engine(path, **options)
 
 
-from kiln.runtime.smc import SMCResult, locally_constrained, smc, smc_batch  # noqa: E402  (after load: no cycle)
-
-__all__ = ["Engine", "SMCResult", "load", "locally_constrained", "smc", "smc_batch"]
+__all__ = ["Constraints", "Engine", "SMCResult", "SteerOptions", "generate_prompts", "load", "locally_constrained",
+           "smc", "smc_batch", "steer_prompts"]

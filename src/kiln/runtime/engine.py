@@ -44,6 +44,9 @@ class Engine(ABC):
     chat_template: str | None
     context_length: int  # what the artifact advertises
     n_ctx: int  # what this engine instance allocated
+    # True when all sequences share ONE pool of n_ctx cells (llama.cpp's unified KV cache: a shared
+    # prompt is held once, each sequence adds its own tail); False when each has n_ctx of its own.
+    shared_kv_pool: bool = False
 
     @abstractmethod
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]: ...

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from kiln.errors import KilnError
+from kiln.formats import require_format
 from kiln.runtime.chat import render_chat
 from kiln.runtime.engine import Engine
 
@@ -19,6 +22,10 @@ class Generation:
     prompt_tokens: int
     stopped: str  # "eog" or "length"
 
+    def to_json(self) -> dict[str, Any]:
+        """What `kiln generate --json` prints for one prompt."""
+        return asdict(self)
+
 
 def chat_prompt(engine: Engine, messages: Sequence[dict[str, str]]) -> list[int]:
     """Tokens of a chat prompt rendered with the artifact's template (bos handled once)."""
@@ -29,6 +36,15 @@ def chat_prompt(engine: Engine, messages: Sequence[dict[str, str]]) -> list[int]
     if engine.add_bos and bos and text.startswith(bos):
         text = text[len(bos):]  # the tokenizer adds it
     return engine.tokenize(text, add_special=True, parse_special=True)
+
+
+def prompt_ids(engine: Engine, prompt: str, *, chat: bool = False, system: str | None = None) -> list[int]:
+    """Token ids of a prompt: the text as is, or (chat) a user message, after an optional system
+    message, rendered with the artifact's own chat template."""
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return chat_prompt(engine, messages)
+    return engine.tokenize(prompt)
 
 
 def generate(engine: Engine, prompt: Sequence[int], max_tokens: int = 128, temperature: float = 0.0,
@@ -63,3 +79,28 @@ def generate(engine: Engine, prompt: Sequence[int], max_tokens: int = 128, tempe
             on_token(tok)
         logits = engine.step([tok], [0])[0]
     return Generation(engine.detokenize(out), out, len(prompt), stopped)
+
+
+def generate_prompts(artifact: str | Path, prompts: Sequence[str], *, chat: bool = False, system: str | None = None,
+                     max_tokens: int = 128, temperature: float = 0.0, seed: int | None = None,
+                     threads: int | None = None, n_ctx: int | None = None,
+                     on_prompt: Callable[[int], None] | None = None,
+                     on_token: Callable[[int, str], None] | None = None) -> list[dict[str, Any]]:
+    """Plain generation (greedy, or sampled at `temperature`) for each prompt in turn with one engine:
+    what `kiln generate` does without SMC. Returns one `Generation.to_json()` per prompt.
+
+    The artifact is opened with `n_ctx` (default 4096) and `threads`; every prompt uses the same
+    `seed`. `on_prompt(i)` is called before prompt i is tokenized, `on_token(i, text)` with each
+    generated token's text as it comes (a streaming display)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    path = Path(artifact)
+    outs = []
+    with require_format(path).open_engine(path, n_ctx=n_ctx or 4096, threads=threads) as engine:
+        for i, prompt in enumerate(prompts):
+            if on_prompt is not None:
+                on_prompt(i)
+            ids = prompt_ids(engine, prompt, chat=chat, system=system)
+            stream = None if on_token is None else (lambda t, i=i: on_token(i, engine.detokenize([t])))
+            outs.append(generate(engine, ids, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                 on_token=stream).to_json())
+    return outs

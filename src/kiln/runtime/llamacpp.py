@@ -8,7 +8,6 @@ decoding need several sequences in one `llama_decode`, so kiln drives the C API
 from __future__ import annotations
 
 import ctypes
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +33,8 @@ _MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids a context can hold
 
 
 class LlamaCppEngine(Engine):
+    shared_kv_pool = True  # one KV pool of n_ctx cells for every sequence (SMC's capacity check)
+
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_seq_max: int = 1,
                  threads: int | None = None, n_batch: int = 512, flash_attn: bool | None = None,
                  type_k: int | None = None, type_v: int | None = None, kv_unified: bool = True,

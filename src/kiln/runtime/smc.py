@@ -223,12 +223,8 @@ def _check_engine(engine: Engine, n: int, prompt_lens: Sequence[int], max_tokens
         what = f"a {longest}-token prompt" if k == 1 else f"the longest prompt ({longest} tokens)"
         raise KilnError(f"{what} plus max_tokens={max_tokens} needs a context of {need}, "
                         f"more than {engine.context_text()}: open it with n_ctx={need} or more")
-    try:
-        from kiln.runtime.llamacpp import LlamaCppEngine
-    except ImportError:  # pragma: no cover - the module itself imports nothing optional
-        return
-    if isinstance(engine, LlamaCppEngine):
-        # unified KV cache: each prompt once, then every particle's divergent tail
+    if getattr(engine, "shared_kv_pool", False):
+        # unified KV cache (llama.cpp): each prompt once, then every particle's divergent tail
         prompts = sum(prompt_lens)
         pool = prompts + total * max_tokens
         if pool > engine.n_ctx:
@@ -553,6 +549,13 @@ def _check_shared(pops: list[_Population]) -> None:
                                     "(i -> potentials) that builds each prompt's own")
 
 
+def population_rng(seed: int | None, i: int) -> np.random.Generator:
+    """Population i's random stream: `seed` itself for the first (so one prompt in `smc_batch` is
+    exactly `smc`), `[seed, i]` for the others (independent streams from one seed), fresh entropy
+    when `seed` is None. A batch's posterior draws use the same streams, freshly seeded."""
+    return np.random.default_rng(seed if i == 0 or seed is None else [int(seed), i])
+
+
 def _run(engine: Engine, prompts: Sequence[Sequence[int]], n: int, proposal, critics, ess_threshold: float,
          max_tokens: int, resampling: str, temperature: float, seed, timeout: float | None,
          on_step: Callable[[StepInfo], Any] | None, weighted: bool, overlap: bool = True) -> list[SMCResult]:
@@ -574,10 +577,7 @@ def _run(engine: Engine, prompts: Sequence[Sequence[int]], n: int, proposal, cri
     for i, prompt in enumerate(prompts):
         props = _resolve_potentials(proposal, i, "proposal")
         crits = _resolve_potentials(critics, i, "critics")
-        if i == 0 or seed is None:
-            rng = np.random.default_rng(seed)
-        else:
-            rng = np.random.default_rng([int(seed), i])
+        rng = population_rng(seed, i)
         pops.append(_Population(engine, i, prompt, n, props, crits, ess_threshold, max_tokens, resampling,
                                 temperature, rng, weighted, text_of))
     if not pops:

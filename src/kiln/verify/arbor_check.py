@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.checkpoint.arbor import ArborSpec
+from kiln.compress.llama_quant import QuantType
 from kiln.export.gguf_gpt2 import GPT2_LAYER, GPT2_TENSORS
 from kiln.runtime.llamacpp import LlamaCppEngine
 from kiln.verify import tolerances
@@ -55,7 +56,7 @@ def dequantized_native(gguf: Path, spec: ArborSpec) -> dict[str, np.ndarray]:
     return out
 
 
-def verify_arbor_gguf(gguf: Path, spec: ArborSpec, tensors: dict[str, np.ndarray], quant: str,
+def verify_arbor_gguf(gguf: Path, spec: ArborSpec, tensors: dict[str, np.ndarray], quant: QuantType,
                       threads: int | None = None, max_text_tokens: int = 96) -> Verification:
     engine = LlamaCppEngine(gguf, n_ctx=min(spec.max_positions, 512), threads=threads, flash_attn=False,
                             type_k=0, type_v=0)
@@ -78,7 +79,7 @@ def verify_arbor_gguf(gguf: Path, spec: ArborSpec, tensors: dict[str, np.ndarray
     short, long, drift = compare_many(short_pairs), compare_many(long_pairs), compare_many(drift_pairs).rel
     worst = max(short.rel, long.rel)
     notes = [f"gelu_drift {drift:.2e}: llama.cpp's gpt2 GELU is tanh-approximate, Arbor's exact erf"]
-    if quant == "f32":
+    if quant.float_dtype == "float32":
         bound = tolerances.f32_bound(long_start + longest) + GELU_DRIFT_MULTIPLE * drift
         floor = drift
         passed = worst <= bound
@@ -89,7 +90,7 @@ def verify_arbor_gguf(gguf: Path, spec: ArborSpec, tensors: dict[str, np.ndarray
         floor = compare(text_ref, _forward(spec, deq, text_ids, "gelu_tanh")).mean_kl
         passed, bound, criterion = tolerances.quantized_verdict(
             text_cmp.mean_kl, floor, "its dequantized weights with tanh GELU")
-    return Verification(quant=quant, passed=passed, criterion=criterion, short=short, long=long,
+    return Verification(quant=quant.name, passed=passed, criterion=criterion, short=short, long=long,
                         long_start=long_start, text_kl=text_cmp.mean_kl, text_top1=text_cmp.top1,
                         text_positions=text_cmp.positions, floor_rel=floor, bound=bound, notes=notes)
 

@@ -9,16 +9,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from kiln.checkpoint.rope import RopeSettings
+from kiln.compress.llama_quant import QuantType, quant_type
 from kiln.runtime.llamacpp import LlamaCppEngine
 from kiln.verify import tolerances
 from kiln.verify.parity import compare, compare_many
 from kiln.verify.reference import Reference, with_gguf_weights
 from kiln.verify.result import SHORT_PROMPTS, Verification, parity_text
 
-def verify_gguf(gguf: str | Path, source: str | Path, rope: RopeSettings, quant: str,
+def verify_gguf(gguf: str | Path, source: str | Path, rope: RopeSettings, quant: QuantType | str,
                 threads: int | None = None, reference: Reference | None = None,
                 max_text_tokens: int = 384) -> Verification:
     """Compare llama.cpp on `gguf` with transformers on `source` (same rope settings)."""
+    quant = quant_type(quant) if isinstance(quant, str) else quant
     ref = reference or Reference(source, rope)
     text = parity_text()
     # Flash attention off and an f32 KV cache: both would round activations to f16 and hide
@@ -34,8 +36,8 @@ def verify_gguf(gguf: str | Path, source: str | Path, rope: RopeSettings, quant:
         short_pairs, long_pairs = [], []
         floor_pairs = []
         floor_model = None
-        if quant in ("f16", "bf16"):
-            floor_model = ref.rounded_copy("float16" if quant == "f16" else "bfloat16")
+        if quant.float_dtype in ("float16", "bfloat16"):
+            floor_model = ref.rounded_copy(quant.float_dtype)
         for ids in prompts:
             r0 = ref.logits(ids)
             short_pairs.append((r0, engine.score(ids)))
@@ -46,10 +48,9 @@ def verify_gguf(gguf: str | Path, source: str | Path, rope: RopeSettings, quant:
         text_ref = ref.logits(text_ids)
         text_cmp = compare(text_ref, engine.score(text_ids))
         weights_kl = None
-        if quant not in ("f32", "f16", "bf16"):
+        if quant.float_dtype is None:
             cfg = ref.model.config
-            deq = with_gguf_weights(ref, gguf, permuted_qk=engine.meta("general.architecture") == "llama",
-                                    n_heads=cfg.num_attention_heads,
+            deq = with_gguf_weights(ref, gguf, n_heads=cfg.num_attention_heads,
                                     n_kv_heads=getattr(cfg, "num_key_value_heads", cfg.num_attention_heads))
             weights_kl = compare(text_ref, deq.logits(text_ids)).mean_kl
     finally:
@@ -58,7 +59,7 @@ def verify_gguf(gguf: str | Path, source: str | Path, rope: RopeSettings, quant:
     max_pos = long_start + longest
     worst = max(short.rel, long.rel)
     floor_rel = bound = None
-    if quant == "f32":
+    if quant.float_dtype == "float32":
         bound = tolerances.f32_bound(max_pos)
         passed, criterion = worst <= bound, f"max|Δ|/std {worst:.2e} <= {bound:.2e} (f32 bound)"
     elif floor_model is not None:
@@ -72,9 +73,9 @@ def verify_gguf(gguf: str | Path, source: str | Path, rope: RopeSettings, quant:
         floor_rel = weights_kl
         passed, bound, criterion = tolerances.quantized_verdict(text_cmp.mean_kl, weights_kl)
     quality = None
-    if quant in tolerances.KL_BOUNDS:
-        anchor = tolerances.KL_BOUNDS[quant]
+    if quant.name in tolerances.KL_BOUNDS:
+        anchor = tolerances.KL_BOUNDS[quant.name]
         quality = {"bound": anchor, "within": text_cmp.mean_kl <= anchor}
-    return Verification(quant=quant, passed=passed, criterion=criterion, short=short, long=long, quality=quality,
+    return Verification(quant=quant.name, passed=passed, criterion=criterion, short=short, long=long, quality=quality,
                         long_start=long_start, text_kl=text_cmp.mean_kl, text_top1=text_cmp.top1,
                         text_positions=text_cmp.positions, floor_rel=floor_rel, bound=bound)

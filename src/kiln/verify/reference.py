@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kiln.checkpoint.hf_model import float_model
 from kiln.checkpoint.rope import RopeSettings
 from kiln.errors import KilnError
 
@@ -22,25 +23,10 @@ class Reference:
     def __init__(self, source: str | Path, rope: RopeSettings | None = None, dtype: str = "float32"):
         try:
             import torch
-            from transformers import AutoConfig, AutoModelForCausalLM
         except ImportError:
             raise KilnError("verification needs torch and transformers (pip install 'kiln-llm[torch]')") from None
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
         self._torch = torch
-        config = _hf_config(source, AutoConfig)
-        if rope is not None:
-            theta = _rope_theta(config)
-            config.rope_parameters = rope.hf_rope_parameters(theta)
-            config.max_position_embeddings = max(int(rope.context_length or 0), config.max_position_embeddings)
-        if getattr(config, "quantization_config", None):
-            self.model = _dequantized_model(source, config, getattr(torch, dtype))
-        else:
-            self.model = AutoModelForCausalLM.from_pretrained(
-                source, config=config, dtype=getattr(torch, dtype), trust_remote_code=False,
-                attn_implementation="eager")
-        self.model.eval()
+        self.model = float_model(source, rope, dtype)
         self._cache: dict[tuple[tuple[int, ...], int], np.ndarray] = {}
 
     def logits(self, tokens: Sequence[int], start: int = 0) -> np.ndarray:
@@ -74,37 +60,13 @@ class Reference:
         return clone
 
 
-def _dequantized_model(source: str | Path, config, dtype):
-    """A quantized (GPTQ) checkpoint as a float transformers model: kiln's reader dequantizes
-    every linear, so no GPTQ kernel package (optimum, gptqmodel) is needed to run it."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from kiln.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(source)
-    if ckpt.gptq is None:
-        raise KilnError(f"{source}: quantization_config names a method kiln cannot read")
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
-    state = {name: torch.from_numpy(ckpt.tensors.load(name)).to(dtype) for name in ckpt.tensors.names()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise KilnError(f"{source}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model
-
-
-def with_gguf_weights(ref: Reference, gguf: str | Path, permuted_qk: bool, n_heads: int,
-                      n_kv_heads: int) -> Reference:
+def with_gguf_weights(ref: Reference, gguf: str | Path, n_heads: int, n_kv_heads: int) -> Reference:
     """The reference with every weight replaced by the GGUF's dequantized one.
 
     This isolates what quantizing the *weights* costs from how llama.cpp runs them: an
     artifact is faithful if llama.cpp's output stays close to this model's.
     """
-    from kiln.export.gguf_arch import hf_name, unpermute_rows
+    from kiln import families
     from kiln.gguf_header import open_gguf
 
     torch = ref._torch
@@ -112,42 +74,17 @@ def with_gguf_weights(ref: Reference, gguf: str | Path, permuted_qk: bool, n_hea
     params = dict(clone.model.named_parameters())
     tied_head = "lm_head.weight" in params and params["lm_head.weight"] is params.get("model.embed_tokens.weight")
     g = open_gguf(gguf)
+    family = families.by_name(str(g.get("general.architecture")))
+    if family is None:
+        raise KilnError(f"{gguf}: architecture {g.get('general.architecture')!r} is not one kiln writes")
     with torch.no_grad():
         for t in g.tensors:
-            name = hf_name(t.name)
+            name = family.hf_name(t.name)
             if name is None or name not in params:
                 continue
-            w = g.dequantize(t)
-            if permuted_qk and (".q_proj." in name or ".k_proj." in name):
-                w = unpermute_rows(w, n_heads if ".q_proj." in name else n_kv_heads)
+            w = family.from_gguf(name, g.dequantize(t), n_heads, n_kv_heads)
             params[name].copy_(torch.from_numpy(w.copy()))
     if tied_head is False and "lm_head.weight" in params and g.tensor("output.weight") is None:
         with torch.no_grad():
             params["lm_head.weight"].copy_(params["model.embed_tokens.weight"])
     return clone
-
-
-def _hf_config(source: str | Path, auto_config):
-    """The source's transformers config, as kiln reads it: a checkpoint recognised by its tensor
-    names (kiln.checkpoint.families.BY_TENSORS, e.g. Arbor's Llama-style layout) gets the
-    family's model_type and key names, which transformers itself would not know."""
-    import json
-    import tempfile
-
-    from kiln.checkpoint import load_checkpoint
-
-    try:
-        return auto_config.from_pretrained(source, trust_remote_code=False)
-    except (ValueError, KeyError):  # a model_type transformers does not know
-        spec = load_checkpoint(source).spec
-    with tempfile.TemporaryDirectory(prefix="kiln-config-") as tmp:
-        config = {**spec.config, "architectures": [spec.hf_architecture]}
-        Path(tmp, "config.json").write_text(json.dumps(config), encoding="utf-8")
-        return auto_config.from_pretrained(tmp, trust_remote_code=False)
-
-
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    if isinstance(params, dict) and "rope_theta" in params:
-        return float(params["rope_theta"])
-    return float(getattr(config, "rope_theta", 10000.0))

@@ -17,7 +17,8 @@ spec                               potential
 ``lexicon:FILE[:STRENGTH]``        `Lexicon.from_file` (.json {word: weight} / [words], or text
                                    lines ``word [weight]``)
 ``critic:ARTIFACT[:BETA]``         `ReferenceCritic` under another exported model (.gguf or ONNX
-                                   dir, same vocabulary); the sampler calls `set_prompt`
+                                   dir, same vocabulary), opened with the caller's `open_engine`;
+                                   the sampler calls `set_prompt`
 ``python:MODULE:FUNCTION``         `FromCallable(complete=FUNCTION)`: FUNCTION(text) -> log score
                                    or bool, judged on the finished text only
 =================================  ================================================================
@@ -29,10 +30,17 @@ import importlib
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.errors import KilnError
 from kiln.runtime.potentials.base import Potential, Vocab
+
+if TYPE_CHECKING:
+    from kiln.runtime.engine import Engine
+
+# Opens an artifact as an engine: called as open_engine(path, **engine_options), e.g. kiln.runtime.load.
+# Passed in by the caller (the steering API) so potentials never import the runtime package itself.
+EngineOpener = Callable[..., "Engine"]
 
 NAMES = ("regex", "json", "lark", "stop", "sentence", "length", "style", "lexicon", "critic", "python")
 
@@ -97,9 +105,13 @@ def _with_strength(spec: str, args: str) -> tuple[str, float]:
     return args, 1.0
 
 
-def from_spec(vocab: Vocab, spec: str, *, engine_options: dict[str, Any] | None = None) -> Potential:
-    """Build a potential from `NAME[:ARGS]` (table in the module docstring). `engine_options` are
-    passed to `kiln.runtime.load` for `critic:` (e.g. n_ctx, n_seq_max, threads)."""
+def from_spec(vocab: Vocab, spec: str, *, engine_options: dict[str, Any] | None = None,
+              open_engine: EngineOpener | None = None) -> Potential:
+    """Build a potential from `NAME[:ARGS]` (table in the module docstring).
+
+    `critic:` needs another model: it is opened with `open_engine(path, **engine_options)` (e.g.
+    `kiln.runtime.load` with n_ctx, n_seq_max, threads), which the caller supplies because this
+    layer opens no artifact itself; without one a `critic:` spec is refused."""
     if not isinstance(spec, str) or not spec.strip():
         raise KilnError("empty potential spec (expected NAME:ARGS, e.g. regex:[0-9]+)")
     name, _, args = spec.partition(":")
@@ -154,12 +166,14 @@ def from_spec(vocab: Vocab, spec: str, *, engine_options: dict[str, Any] | None 
         path, strength = _with_strength(spec, args)
         return Lexicon.from_file(vocab, path, strength)
     if name == "critic":
-        from kiln.runtime import load
         from kiln.runtime.potentials.critic import ReferenceCritic
 
+        if open_engine is None:
+            raise KilnError(f"potential {spec!r}: a critic needs an engine opener "
+                            "(from_spec(..., open_engine=kiln.runtime.load))")
         path, beta = _with_strength(spec, args)
         options = {"n_seq_max": 33, **(engine_options or {})}
-        return ReferenceCritic(vocab, load(path, **options), beta=beta)
+        return ReferenceCritic(vocab, open_engine(Path(path), **options), beta=beta)
     # python:MODULE:FUNCTION
     from kiln.runtime.potentials.callable import FromCallable
 

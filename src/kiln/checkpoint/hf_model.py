@@ -1,0 +1,89 @@
+"""A checkpoint as a float transformers model, as kiln reads it.
+
+GPTQ and the imatrix (compress) and the verification reference (verify) all load the source model
+this way; it lives here, below all three, so no layer reaches up into another for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kiln.checkpoint.rope import RopeSettings
+from kiln.errors import KilnError
+
+
+def transformers_config(source: str | Path, auto_config: Any) -> Any:
+    """The source's transformers config, as kiln reads it: a checkpoint recognised by its tensor
+    names (a family's `by_tensors` in kiln.families, e.g. Arbor's Llama-style layout) gets the
+    family's model_type and key names, which transformers itself would not know."""
+    import json
+    import tempfile
+
+    from kiln.checkpoint import load_checkpoint
+
+    try:
+        return auto_config.from_pretrained(source, trust_remote_code=False)
+    except (ValueError, KeyError):  # a model_type transformers does not know
+        spec = load_checkpoint(source).spec
+    with tempfile.TemporaryDirectory(prefix="kiln-config-") as tmp:
+        config = {**spec.config, "architectures": [spec.hf_architecture]}
+        Path(tmp, "config.json").write_text(json.dumps(config), encoding="utf-8")
+        return auto_config.from_pretrained(tmp, trust_remote_code=False)
+
+
+def float_model(source: str | Path, rope: RopeSettings | None = None, dtype: str = "float32",
+                attn_implementation: str = "eager") -> Any:
+    """The source as a transformers model in `dtype`, with `rope` (the settings baked into an artifact)
+    applied; a GPTQ checkpoint is dequantized by kiln's reader (no GPTQ kernel package needed)."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        raise KilnError("this needs torch and transformers (pip install 'kiln-llm[torch]')") from None
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    config = transformers_config(source, AutoConfig)
+    if rope is not None:
+        theta = _rope_theta(config)
+        config.rope_parameters = rope.hf_rope_parameters(theta)
+        config.max_position_embeddings = max(int(rope.context_length or 0), config.max_position_embeddings)
+    if getattr(config, "quantization_config", None):
+        model = _dequantized_model(source, config, getattr(torch, dtype))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=getattr(torch, dtype),
+                                                     trust_remote_code=False,
+                                                     attn_implementation=attn_implementation)
+    model.eval()
+    return model
+
+
+def _dequantized_model(source: str | Path, config, dtype):
+    """A quantized (GPTQ) checkpoint as a float transformers model: kiln's reader dequantizes
+    every linear, so no GPTQ kernel package (optimum, gptqmodel) is needed to run it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kiln.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(source)
+    if ckpt.gptq is None:
+        raise KilnError(f"{source}: quantization_config names a method kiln cannot read")
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
+    state = {name: torch.from_numpy(ckpt.tensors.load(name)).to(dtype) for name in ckpt.tensors.names()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise KilnError(f"{source}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params, dict) and "rope_theta" in params:
+        return float(params["rope_theta"])
+    return float(getattr(config, "rope_theta", 10000.0))

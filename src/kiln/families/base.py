@@ -1,0 +1,303 @@
+"""The generic decoder family every registered family refines: its knowledge as class data.
+
+A family is everything kiln must know about one Hugging Face architecture, in one class: how its
+config.json becomes a `ModelSpec`, its tensor table (HF name, GGUF name, shape, transform), the GGUF
+keys that differ by family, whether onnxruntime-genai's builder takes it, which linears GPTQ and the
+imatrix visit and in what order, and the cost model's per-layer terms. Exporters, compress, verify
+and bench ask the family; none of them tests an architecture name (the llama.cpp `conversion/`
+package's design: one small registered class per family over one generic base).
+
+The base describes the pre-norm RMSNorm / SwiGLU / rotary decoder that Llama, Mistral, Qwen2 and
+Qwen3 share; a family overrides only what differs (Qwen2's q/k/v biases, Qwen3's q/k norms,
+Llama's q/k row permutation for llama.cpp's NORM-style rope).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from kiln.checkpoint import rope as rope_mod
+from kiln.checkpoint.spec import ModelSpec
+from kiln.checkpoint.tokenizer import read_tokenizer
+from kiln.errors import KilnError
+
+
+@dataclass(frozen=True)
+class TensorRow:
+    """One row of a family's tensor table (gguf-py's tensor maps, plus shape and transform).
+
+    `hf` and `gguf` are suffixes under `model.layers.N.` / `blk.N.` for a per-layer row, full names
+    for a global one. `when` names a boolean `ModelSpec` attribute the row depends on. `permute`
+    names the head count whose rows llama.cpp wants interleaved ("n_heads" / "n_kv_heads").
+    """
+
+    hf: str
+    gguf: str
+    shape: Callable[[ModelSpec], tuple[int, ...]]
+    when: str | None = None
+    permute: str | None = None
+
+
+def _q(s: ModelSpec) -> int:
+    return s.n_heads * s.head_dim
+
+
+def _kv(s: ModelSpec) -> int:
+    return s.n_kv_heads * s.head_dim
+
+
+DECODER_LAYER: tuple[TensorRow, ...] = (
+    TensorRow("input_layernorm.weight", "attn_norm.weight", lambda s: (s.hidden_size,)),
+    TensorRow("post_attention_layernorm.weight", "ffn_norm.weight", lambda s: (s.hidden_size,)),
+    TensorRow("self_attn.q_proj.weight", "attn_q.weight", lambda s: (_q(s), s.hidden_size), permute="n_heads"),
+    TensorRow("self_attn.k_proj.weight", "attn_k.weight", lambda s: (_kv(s), s.hidden_size), permute="n_kv_heads"),
+    TensorRow("self_attn.v_proj.weight", "attn_v.weight", lambda s: (_kv(s), s.hidden_size)),
+    TensorRow("self_attn.o_proj.weight", "attn_output.weight", lambda s: (s.hidden_size, _q(s))),
+    TensorRow("self_attn.q_proj.bias", "attn_q.bias", lambda s: (_q(s),), "attention_bias", permute="n_heads"),
+    TensorRow("self_attn.k_proj.bias", "attn_k.bias", lambda s: (_kv(s),), "attention_bias", permute="n_kv_heads"),
+    TensorRow("self_attn.v_proj.bias", "attn_v.bias", lambda s: (_kv(s),), "attention_bias"),
+    TensorRow("self_attn.q_norm.weight", "attn_q_norm.weight", lambda s: (s.head_dim,), "qk_norm"),
+    TensorRow("self_attn.k_norm.weight", "attn_k_norm.weight", lambda s: (s.head_dim,), "qk_norm"),
+    TensorRow("mlp.gate_proj.weight", "ffn_gate.weight", lambda s: (s.intermediate_size, s.hidden_size)),
+    TensorRow("mlp.up_proj.weight", "ffn_up.weight", lambda s: (s.intermediate_size, s.hidden_size)),
+    TensorRow("mlp.down_proj.weight", "ffn_down.weight", lambda s: (s.hidden_size, s.intermediate_size)),
+)
+DECODER_HEAD: tuple[TensorRow, ...] = (
+    TensorRow("model.embed_tokens.weight", "token_embd.weight", lambda s: (s.vocab_size, s.hidden_size)),
+)
+DECODER_TAIL: tuple[TensorRow, ...] = (
+    TensorRow("model.norm.weight", "output_norm.weight", lambda s: (s.hidden_size,)),
+    TensorRow("lm_head.weight", "output.weight", lambda s: (s.vocab_size, s.hidden_size), "untied"),
+)
+
+# GPTQ's "true sequential" order within a decoder layer: each group sees the outputs of the groups
+# quantized before it (q/k/v read the same input, so they are one group; then o; gate/up; down).
+DECODER_GPTQ_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+# The imatrix hooks one module per distinct input: q/k/v read one input, gate/up another.
+DECODER_IMATRIX_HOOKS: dict[str, tuple[str, ...]] = {
+    "self_attn.q_proj": ("attn_q", "attn_k", "attn_v"), "self_attn.o_proj": ("attn_output",),
+    "mlp.gate_proj": ("ffn_gate", "ffn_up"), "mlp.down_proj": ("ffn_down",),
+}
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half row order -> llama.cpp interleaved pairs (as convert_hf_to_gguf does)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of `permute_rows`: what a GGUF `llama` q/k tensor looked like in HF."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _int(config: dict[str, Any], key: str, path: Path, default: int | None = None) -> int:
+    value = config.get(key, default)
+    if value is None:
+        raise KilnError(f"{path}: required key {key!r} is missing")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise KilnError(f"{path}: {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _license(directory: Path) -> str | None:
+    for name in ("LICENSE", "LICENSE.txt", "LICENSE.md"):
+        if (directory / name).exists():
+            return (directory / name).read_text(encoding="utf-8", errors="replace")
+    return None
+
+
+class Family:
+    """A Llama-shaped decoder family. Subclasses set class data; methods read it."""
+
+    # --- identity
+    name: ClassVar[str] = ""  # kiln's family name, equal to the GGUF general.architecture
+    description: ClassVar[str] = ""  # how messages name a checkpoint of this family, when it matters
+    architectures: ClassVar[tuple[str, ...]] = ()  # HF `architectures` names read as this family
+    # --- config -> ModelSpec
+    attention_bias: ClassVar[bool | None] = None  # None: config["attention_bias"] (default False)
+    qk_norm: ClassVar[bool] = False
+    tie_default: ClassVar[bool] = False  # tie_word_embeddings when config.json does not say
+    # --- tensors
+    head_rows: ClassVar[tuple[TensorRow, ...]] = DECODER_HEAD
+    layer_rows: ClassVar[tuple[TensorRow, ...]] = DECODER_LAYER
+    tail_rows: ClassVar[tuple[TensorRow, ...]] = DECODER_TAIL
+    permute_qk: ClassVar[bool] = False  # llama.cpp runs this architecture with NORM-style rope
+    # --- GGUF keys that differ by family (the converter's own choices, tests/test_gguf_keys.py)
+    # Whether the converter always writes {arch}.attention.key_length/value_length: it reads config.json
+    # through transformers, whose config class for this family always defines head_dim.
+    gguf_head_dim_keys: ClassVar[bool] = False
+    # Whether tokenizer.ggml.add_space_prefix is written when tokenizer_config.json states add_prefix_space.
+    gguf_add_space_prefix: ClassVar[bool] = False
+    # --- ONNX: onnxruntime-genai's builder maps this architecture onto its GroupQueryAttention decoder
+    onnx_builder: ClassVar[bool] = True
+    # --- calibration (None: GPTQ / imatrix do not support the family)
+    gptq_groups: ClassVar[tuple[tuple[str, ...], ...] | None] = DECODER_GPTQ_GROUPS
+    imatrix_hooks: ClassVar[dict[str, tuple[str, ...]] | None] = DECODER_IMATRIX_HOOKS
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def default_head_dim(cls, hidden: int, heads: int) -> int:
+        """head_dim when config.json leaves it out: what the family's transformers config defaults to."""
+        return hidden // heads
+
+    @classmethod
+    def has_attention_bias(cls, config: dict[str, Any]) -> bool:
+        return cls.attention_bias if cls.attention_bias is not None else bool(config.get("attention_bias", False))
+
+    @classmethod
+    def read_spec(cls, directory: Path, config: dict[str, Any], architecture: str) -> ModelSpec:
+        """The ModelSpec of a checkpoint directory whose config.json this family reads."""
+        path = directory / "config.json"
+        hidden = _int(config, "hidden_size", path)
+        heads = _int(config, "num_attention_heads", path)
+        head_dim = _int(config, "head_dim", path, default=cls.default_head_dim(hidden, heads))
+        kv_heads = _int(config, "num_key_value_heads", path, default=heads)
+        if heads % kv_heads:
+            raise KilnError(f"{path}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        eps = config.get("rms_norm_eps")
+        if not isinstance(eps, (int, float)) or eps <= 0:
+            raise KilnError(f"{path}: required key 'rms_norm_eps' is missing or not positive")
+        rope_block = config.get("rope_parameters") or {}
+        theta = config.get("rope_theta", rope_block.get("rope_theta") if isinstance(rope_block, dict) else None)
+        if theta is None:
+            theta = 10000.0  # transformers' default for these families
+        vocab = _int(config, "vocab_size", path)
+        _int(config, "max_position_embeddings", path)
+        return ModelSpec(
+            family=cls.name,
+            hf_architecture=architecture,
+            source=directory,
+            n_layers=_int(config, "num_hidden_layers", path),
+            hidden_size=hidden,
+            intermediate_size=_int(config, "intermediate_size", path),
+            n_heads=heads,
+            n_kv_heads=kv_heads,
+            head_dim=head_dim,
+            vocab_size=vocab,
+            rms_norm_eps=float(eps),
+            rope_theta=float(theta),
+            context_length=config["max_position_embeddings"],
+            rope=rope_mod.from_config(config, str(path)),
+            tie_embeddings=bool(config.get("tie_word_embeddings", cls.tie_default)),
+            attention_bias=cls.has_attention_bias(config),
+            qk_norm=cls.qk_norm,
+            tokenizer=read_tokenizer(directory, vocab),
+            name=config.get("_name_or_path") or directory.name,
+            license=_license(directory),
+            config=config,
+        )
+
+    # ------------------------------------------------------------------ tensors
+    @classmethod
+    def _applies(cls, row: TensorRow, spec: ModelSpec) -> bool:
+        if row.when is None:
+            return True
+        if row.when == "untied":
+            return not spec.tie_embeddings
+        return bool(getattr(spec, row.when))
+
+    @classmethod
+    def tensors(cls, spec: ModelSpec) -> list[tuple[str, str, tuple[int, ...], TensorRow]]:
+        """(HF name, GGUF name, HF shape, row) of every tensor the checkpoint holds, in write order."""
+        out = [(r.hf, r.gguf, r.shape(spec), r) for r in cls.head_rows if cls._applies(r, spec)]
+        for i in range(spec.n_layers):
+            out += [(f"model.layers.{i}.{r.hf}", f"blk.{i}.{r.gguf}", r.shape(spec), r)
+                    for r in cls.layer_rows if cls._applies(r, spec)]
+        out += [(r.hf, r.gguf, r.shape(spec), r) for r in cls.tail_rows if cls._applies(r, spec)]
+        return out
+
+    @classmethod
+    def expected_tensors(cls, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+        """HF tensor name -> shape, checked before any export (a wrong shape fails with its name)."""
+        return {hf: shape for hf, _, shape, _ in cls.tensors(spec)}
+
+    @classmethod
+    def gguf_name(cls, hf_name: str) -> str:
+        for r in (*cls.head_rows, *cls.tail_rows):
+            if r.hf == hf_name:
+                return r.gguf
+        prefix, _, rest = hf_name.partition("model.layers.")
+        if prefix == "" and rest:
+            index, _, suffix = rest.partition(".")
+            for r in cls.layer_rows:
+                if r.hf == suffix:
+                    return f"blk.{index}.{r.gguf}"
+        raise KeyError(hf_name)
+
+    @classmethod
+    def hf_name(cls, gguf_tensor: str) -> str | None:
+        """Inverse of `gguf_name` (None for generated tensors such as rope_freqs)."""
+        for r in (*cls.head_rows, *cls.tail_rows):
+            if r.gguf == gguf_tensor:
+                return r.hf
+        if gguf_tensor.startswith("blk."):
+            index, _, suffix = gguf_tensor[4:].partition(".")
+            for r in cls.layer_rows:
+                if r.gguf == suffix:
+                    return f"model.layers.{index}.{r.hf}"
+        return None
+
+    @classmethod
+    def _row(cls, hf_name: str) -> TensorRow | None:
+        suffix = hf_name.split(".", 3)[3] if hf_name.startswith("model.layers.") else hf_name
+        rows = cls.layer_rows if hf_name.startswith("model.layers.") else (*cls.head_rows, *cls.tail_rows)
+        return next((r for r in rows if r.hf == suffix), None)
+
+    @classmethod
+    def to_gguf(cls, hf_name: str, w: np.ndarray, spec: ModelSpec) -> np.ndarray:
+        """The HF tensor as the GGUF stores it (llama's q/k rows interleaved for NORM rope)."""
+        row = cls._row(hf_name)
+        if cls.permute_qk and row is not None and row.permute:
+            return permute_rows(w, getattr(spec, row.permute))
+        return w
+
+    @classmethod
+    def from_gguf(cls, hf_name: str, w: np.ndarray, n_heads: int, n_kv_heads: int) -> np.ndarray:
+        """Inverse of `to_gguf` for a tensor read back from a GGUF (verification's dequantized model)."""
+        row = cls._row(hf_name)
+        if cls.permute_qk and row is not None and row.permute:
+            return unpermute_rows(w, n_heads if row.permute == "n_heads" else n_kv_heads)
+        return w
+
+    # ------------------------------------------------------------------ cost model
+    @classmethod
+    def weight_shapes(cls, config: dict[str, Any], tied: bool) -> list[tuple[str, str, int | None, int, int]]:
+        """(GGUF name, llama.cpp tensor category, layer, columns, rows) of every weight, from a config alone."""
+        d, n_layers, v = int(config["hidden_size"]), int(config["num_hidden_layers"]), int(config["vocab_size"])
+        out: list[tuple[str, str, int | None, int, int]] = [("token_embd", "token_embd", None, d, v)]
+        for i in range(n_layers):
+            out += [(f"blk.{i}.{name}", category, i, ne0, rows)
+                    for name, category, ne0, rows in cls.layer_weight_tensors(config)]
+        out.append(("output_norm", "norm", None, 1, d))
+        if not tied:
+            out.append(("output", "output", None, d, v))
+        return out
+
+    @classmethod
+    def layer_weight_tensors(cls, config: dict[str, Any]) -> list[tuple[str, str, int, int]]:
+        """(GGUF suffix, llama.cpp tensor category, columns, rows) of one layer's matrices and the
+        per-layer vector groups, from a config alone (kiln plan reads no weights)."""
+        d, h = int(config["hidden_size"]), int(config["num_attention_heads"])
+        kv = int(config.get("num_key_value_heads") or h)
+        hd = int(config.get("head_dim") or cls.default_head_dim(d, h))
+        ff = int(config["intermediate_size"])
+        out = [("attn_q", "attn_q", d, h * hd), ("attn_k", "attn_k", d, kv * hd), ("attn_v", "attn_v", d, kv * hd),
+               ("attn_output", "attn_output", h * hd, d), ("ffn_gate", "ffn_gate", d, ff),
+               ("ffn_up", "ffn_up", d, ff), ("ffn_down", "ffn_down", ff, d), ("norms", "norm", 1, 2 * d)]
+        if cls.has_attention_bias(config):
+            out.append(("qkv_bias", "bias", 1, (h + 2 * kv) * hd))
+        if cls.qk_norm:
+            out.append(("qk_norm", "norm", 1, 2 * hd))
+        return out
