@@ -162,7 +162,7 @@ def test_gpt2_reproduces_native_forward(arbor: dict[str, Path], name: str) -> No
     split = ids.shape[1] // 2
     with torch.no_grad():
         first = model(torch.from_numpy(ids[:, :split]), use_cache=True)
-        rest = model(torch.from_numpy(ids[:, split:]), past_key_values=first.past_key_values, use_cache=True)
+        rest = model(torch.from_numpy(ids[:, split:]), cache=first.past_key_values, use_cache=True)
     both = np.concatenate([first.logits.numpy(), rest.logits.numpy()], axis=1)
     assert np.abs(both - arbor_forward(raw, ids, n_heads=4)).max() < TOL
 
