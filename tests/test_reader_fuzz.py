@@ -237,20 +237,14 @@ def test_seed_gguf_reads_back(seeds, tmp_path):
         assert np.array_equal(g.dequantize(ours), dequantize(theirs.data, theirs.tensor_type).reshape(ours.np_shape))
 
 
+@pytest.mark.parametrize("drive", [_drive_gguf, _drive_gguf_commands], ids=["reader", "commands"])
 @FUZZ
 @given(data=st.data())
-def test_gguf_reader_on_damaged_files(seeds, tmp_path, data):
+def test_gguf_on_damaged_files(seeds, tmp_path, data, drive):
+    """The reader itself, and the commands that read a GGUF (inspect, validate, geometry, modelfile, imatrix)."""
     path = tmp_path / "fuzz.gguf"
     path.write_bytes(data.draw(damaged(seeds["gguf"], seeds["gguf_fields"])))
-    only_kiln_errors(lambda: _drive_gguf(path))
-
-
-@FUZZ
-@given(data=st.data())
-def test_gguf_commands_on_damaged_files(seeds, tmp_path, data):
-    path = tmp_path / "fuzz.gguf"
-    path.write_bytes(data.draw(damaged(seeds["gguf"], seeds["gguf_fields"])))
-    only_kiln_errors(lambda: _drive_gguf_commands(path))
+    only_kiln_errors(lambda: drive(path))
 
 
 @pytest.mark.parametrize("what,damage,message", [

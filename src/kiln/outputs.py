@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from kiln.atomic import temp_prefix
 from kiln.errors import KilnError
 
 # Kinds whose artifact is a directory (with manifest.json inside, except a merged LoRA checkpoint,
@@ -127,7 +128,7 @@ def _probe_writable(dest: Path) -> None:
     if not parent.is_dir():
         raise KilnError(f"{dest}: cannot write there: output directory {parent} is not a directory")
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{dest.name}.kiln-", suffix=".part", dir=parent)
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix(dest), suffix=".part", dir=parent)
     except OSError as exc:
         raise KilnError(f"{dest}: cannot write there: output directory {parent} is not writable "
                         f"({exc.strerror or exc})") from None
