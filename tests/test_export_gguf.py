@@ -29,7 +29,7 @@ from kiln.pipeline import export_gguf_artifact, modelfile_path  # noqa: E402
 from kiln.runtime.generate import chat_prompt, generate  # noqa: E402
 from kiln.runtime.llamacpp import LlamaCppEngine  # noqa: E402
 from kiln.verify import tolerances  # noqa: E402
-from kiln.verify.gguf_check import verify_gguf
+from kiln.verify.check import verify_gguf
 from kiln.verify.result import Verification  # noqa: E402
 from kiln.verify.parity import compare  # noqa: E402
 from kiln.verify.reference import Reference  # noqa: E402

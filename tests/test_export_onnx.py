@@ -1,7 +1,7 @@
 """ONNX export, end to end against real engines: onnxruntime on the artifact vs transformers on the source.
 
 Each artifact is exported once per module and each reference built once per (source, rope).
-Verification (kiln.verify.onnx_check) already runs the four short prompts as four batch rows
+Verification (kiln.verify.check) already runs the four short prompts as four batch rows
 of different lengths that then step together; the tests below add real long sequences,
 reordering, generation, onnxruntime-genai interop and the bad-input behaviour.
 """
@@ -30,7 +30,7 @@ from kiln.runtime import load  # noqa: E402
 from kiln.runtime.generate import chat_prompt, generate  # noqa: E402
 from kiln.runtime.onnx_engine import OnnxEngine  # noqa: E402
 from kiln.verify import tolerances  # noqa: E402
-from kiln.verify.onnx_check import verify_onnx  # noqa: E402
+from kiln.verify.check import verify_onnx  # noqa: E402
 from kiln.verify.parity import compare  # noqa: E402
 from kiln.verify.reference import Reference  # noqa: E402
 from kiln.verify.result import Verification  # noqa: E402

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from kiln.errors import KilnError
-from kiln.fixtures import FIXTURE_NAMES, LLAMA_CPP_PRE, build, fixture_path, smollm2_original_gguf
+from kiln.fixtures import (FIXTURE_NAMES, HF_FIXTURE_NAMES, LLAMA_CPP_PRE, WEIGHTS_FILES, build, fixture_path,
+                           smollm2_original_gguf)
 from kiln.fixtures.bpe import missing_bytes
 from kiln.fixtures.smollm2 import GGUF_SHA256
 from kiln.fixtures.strings import tokenizer_strings
@@ -63,17 +64,18 @@ def test_fixture_path_before_build_names_the_command(tmp_path, monkeypatch):
 
 
 def test_build_twice_is_a_noop(fixture_dirs):
-    before = {n: (d / "model.safetensors").stat().st_mtime_ns for n, d in fixture_dirs.items()}
+    before = {n: (d / WEIGHTS_FILES.get(n, "model.safetensors")).stat().st_mtime_ns for n, d in fixture_dirs.items()}
     start = time.perf_counter()
     again = {n: build(n, progress=False) for n in FIXTURE_NAMES}
     assert time.perf_counter() - start < 1.0
     assert again == fixture_dirs
     assert {n: fixture_path(n) for n in FIXTURE_NAMES} == fixture_dirs
-    assert {n: (d / "model.safetensors").stat().st_mtime_ns for n, d in again.items()} == before
+    assert {n: (d / WEIGHTS_FILES.get(n, "model.safetensors")).stat().st_mtime_ns for n, d in again.items()} == before
 
 
 def test_every_fixture_is_a_complete_hf_checkpoint(fixture_dirs):
-    for name, d in fixture_dirs.items():
+    for name in HF_FIXTURE_NAMES:
+        d = fixture_dirs[name]
         for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
             assert (d / f).is_file(), f"{name} lacks {f}"
         cfg = json.loads((d / "tokenizer_config.json").read_text())

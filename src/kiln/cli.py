@@ -33,7 +33,8 @@ _source_options = options(
     click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin / .pt (loaded with weights_only=True)."),
     click.option("--n-heads", type=int, help="Attention heads of a native Arbor state dict without a config."),
     click.option("--tokenizer", type=click.Path(path_type=Path),
-                 help="Directory with tokenizer.json, for a native Arbor checkpoint that has none beside it."),
+                 help="Directory with tokenizer.json, for a checkpoint that has none beside it (native Arbor, "
+                      "nanoGPT ckpt.pt)."),
 )
 
 
@@ -63,7 +64,8 @@ def fixtures(names: tuple[str, ...], force: bool, as_json: bool) -> None:
 
     \b
     Examples:
-      kiln fixtures                  # all: smollm2-135m, tiny-qwen2, tiny-qwen3, tiny-llama
+      kiln fixtures                  # all: smollm2-135m, tiny-qwen2, tiny-qwen3, tiny-llama,
+                                     # tiny-gpt2, tiny-nanogpt
       kiln fixtures tiny-qwen2 --force
     """
     from kiln import fixtures as fx
@@ -101,7 +103,7 @@ def export_gguf_cmd(src: Path, out: Path, quant: str, imatrix: Path | None, rope
                     original_context: int | None, context: int | None, allow_shorter_context: bool,
                     modelfile: bool, no_verify: bool, threads: int, allow_pickle: bool, n_heads: int | None,
                     tokenizer: Path | None, force: bool, as_json: bool) -> None:
-    """Export the Hugging Face checkpoint SRC to a GGUF file, verified in llama.cpp.
+    """Export the checkpoint SRC (Hugging Face, native Arbor, nanoGPT) to a GGUF file, verified in llama.cpp.
 
     \b
     Examples:
@@ -109,6 +111,7 @@ def export_gguf_cmd(src: Path, out: Path, quant: str, imatrix: Path | None, rope
       kiln export gguf ./Qwen2.5-0.5B -o qwen.gguf --quant q4_k_m --rope-scaling yarn:4 --original-context 32768
       kiln export gguf ./model -o m.gguf --quant q4_k_m --imatrix imatrix.dat
       kiln export gguf arbor/latest_checkpoint.pt -o arbor.q8_0.gguf --quant q8_0 --allow-pickle --tokenizer tok/
+      kiln export gguf out-shakespeare/ckpt.pt -o nano.f16.gguf --allow-pickle --tokenizer gpt2-tokenizer/
     """
     from kiln.pipeline import export_gguf_artifact
 
@@ -123,7 +126,7 @@ def export_gguf_cmd(src: Path, out: Path, quant: str, imatrix: Path | None, rope
         return
     rec = result.record
     where = (f"rope {rec['rope'].get('type')}, context {rec['rope'].get('context_length')}" if "rope" in rec
-             else f"Arbor as gpt2, context {rec['arbor']['max_positions']}")
+             else f"absolute positions, context {rec['context_length']}")
     click.echo(f"wrote {result.gguf} ({rec['files'][0]['size'] / 1e6:.1f} MB, {rec['bits_per_weight']:.2f} bits/weight, "
                f"{where})")
     if result.modelfile:
@@ -165,7 +168,7 @@ def export_onnx_cmd(src: Path, out: Path, precision: str, block_size: int, symme
                     original_context: int | None, context: int | None, allow_shorter_context: bool,
                     no_verify: bool, threads: int, allow_pickle: bool, n_heads: int | None, tokenizer: Path | None,
                     force: bool, as_json: bool) -> None:
-    """Export the Hugging Face (or native Arbor) checkpoint SRC to an ONNX model directory, verified in onnxruntime.
+    """Export the checkpoint SRC (Hugging Face, native Arbor, nanoGPT) to an ONNX directory, verified in onnxruntime.
 
     The directory holds model.onnx (+ model.onnx.data), genai_config.json (onnxruntime-genai
     loads it as is), the tokenizer files and manifest.json.
@@ -193,7 +196,7 @@ def export_onnx_cmd(src: Path, out: Path, precision: str, block_size: int, symme
     size = sum(f["size"] for f in rec["files"] if f["name"].startswith("model.onnx"))
     where = (f"{rec['bits_per_weight']:.2f} bits/weight, rope {rec['rope'].get('type')}, context "
              f"{rec['rope'].get('context_length')}" if "rope" in rec
-             else f"Arbor as GPT-2, context {rec['arbor']['max_positions']}")
+             else f"kiln's GPT-2 graph, context {rec['context_length']}")
     click.echo(f"wrote {result.directory}/ ({size / 1e6:.1f} MB of graph and weights, {where})")
     ver = rec.get("verification")
     if ver:

@@ -15,8 +15,8 @@ from kiln import families
 from kiln.atomic import atomic_dir, atomic_file
 from kiln.bytelevel import describe, reachable_missing
 from kiln.checkpoint import load_checkpoint
-from kiln.checkpoint.rope import resolve
-from kiln.compress.llama_quant import quant_type
+from kiln.checkpoint.rope import RopeSettings, resolve
+from kiln.compress.llama_quant import QuantType, quant_type
 from kiln.errors import KilnError
 from kiln.manifest import file_record, manifest_path, write_manifest, write_manifest_file
 from kiln.outputs import check_output, may_replace
@@ -46,6 +46,177 @@ def modelfile_path(gguf: Path) -> Path:
     return gguf.with_name((gguf.name[:-5] if gguf.name.endswith(".gguf") else gguf.name) + ".Modelfile")
 
 
+class _Source:
+    """A checkpoint read for export: what the one pipeline asks of it, whatever its family's layout.
+
+    `kiln.families` says which layout a family has; each layout has one source class here, the
+    single place where a layout meets the writers (kiln.export) and the reference (kiln.verify)."""
+
+    family: type
+    path: Path
+    default_quant = "f16"
+    license_dir: Path | None = None
+
+    def rope(self, rope_scaling: str | None, original_context: int | None, context: int | None,
+             allow_shorter_context: bool) -> RopeSettings | None:
+        raise NotImplementedError
+
+    def source_record(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def record(self, rope: RopeSettings | None) -> dict[str, Any]:
+        """Manifest blocks beside `source` and `options` (rope, parameter count, family details)."""
+        return {}
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+    def write_gguf(self, out: Path, qtype: QuantType, rope: RopeSettings | None, imatrix: Path | None,
+                   threads: int, progress: Progress | None, warnings: list[str], force: bool) -> Any:
+        raise NotImplementedError
+
+    def check_onnx(self, precision: str) -> None:
+        """Refuse ONNX options this layout cannot honour, before any work."""
+
+    def write_onnx(self, tmp: Path, options: Any, rope: RopeSettings | None, progress: Progress | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def reference(self, rope: RopeSettings | None) -> Any:
+        """What verification compares the artifact with (kiln.verify.reference)."""
+        raise NotImplementedError
+
+
+class _DecoderSource(_Source):
+    """A Llama-shaped checkpoint (kiln.checkpoint.load_checkpoint): kiln's GGUF writer, onnxruntime-genai's builder."""
+
+    def __init__(self, src: Path, allow_pickle: bool):
+        self.path = src
+        self.ckpt = load_checkpoint(src, allow_pickle=allow_pickle)
+        self.family = families.of(self.ckpt.spec)
+        self.license_dir = self.ckpt.spec.source
+
+    @property
+    def default_quant(self) -> str:  # type: ignore[override]
+        from kiln.export.gguf import default_quant
+
+        return default_quant(self.ckpt)
+
+    def rope(self, rope_scaling, original_context, context, allow_shorter_context):
+        return resolve(self.ckpt.spec.rope, rope_scaling, original_context, context, allow_shorter_context)
+
+    def source_record(self) -> dict[str, Any]:
+        spec = self.ckpt.spec
+        return {"path": str(self.path.resolve()), "sha256": self.ckpt.source_hash(),
+                "architecture": spec.hf_architecture, "family": spec.family}
+
+    def record(self, rope):
+        return {"rope": rope.to_json(), "n_params": self.ckpt.spec.n_params}
+
+    def write_gguf(self, out, qtype, rope, imatrix, threads, progress, warnings, force):
+        from kiln.export.gguf import export_gguf
+
+        stats = export_gguf(self.ckpt, out, qtype, rope, imatrix=imatrix, threads=threads, progress=progress,
+                            warnings=warnings, force=force)
+        tok = self.ckpt.spec.tokenizer
+        reachable = reachable_missing(tok.unrepresentable_bytes) if tok else []
+        if reachable:
+            warnings.append(f"vocabulary has no byte token for {describe(reachable)}: "
+                            "llama.cpp aborts on text containing them; kiln's runtime refuses such text")
+        return stats
+
+    def check_onnx(self, precision):
+        from kiln.export.onnx import check_supported
+
+        check_supported(self.ckpt)
+        if self.ckpt.gptq is not None:
+            # The builder's GPTQ loader keeps the checkpoint's codes and scales (MatMulNBits, not
+            # re-quantized); --precision then only reaches the tensors GPTQ left in float.
+            wanted = f"int{self.ckpt.gptq.bits}"
+            if precision != wanted:
+                raise KilnError(f"{self.path}: a {self.ckpt.gptq.bits}-bit GPTQ checkpoint exports as --precision "
+                                f"{wanted} (its weights go into the graph as they are)")
+
+    def write_onnx(self, tmp, options, rope, progress):
+        from kiln.export.onnx import export_onnx, options_json
+
+        stats = export_onnx(self.ckpt, tmp, options, rope, progress=progress)
+        return {"options": options_json(options), "bits_per_weight": round(stats.bits_per_weight, 4),
+                "op_counts": stats.op_counts}
+
+    def reference(self, rope):
+        from kiln.verify.reference import Reference
+
+        return Reference(self.ckpt.spec.source, rope)
+
+
+class _Gpt2Source(_Source):
+    """A GPT-2 shaped checkpoint in kiln's GPT-2 form (kiln.checkpoint.gpt2): llama.cpp's gpt2 architecture
+    and kiln's own ONNX GPT-2 graph; absolute positions, so no RoPE to scale."""
+
+    def __init__(self, src: Path, family: type, n_heads: int | None, tokenizer: str | Path | None,
+                 allow_pickle: bool):
+        self.path = src
+        self.family = family
+        self.model = family.read_gpt2(src, n_heads=n_heads, tokenizer=tokenizer, allow_pickle=allow_pickle)
+        self.license_dir = src if src.is_dir() else None
+
+    def rope(self, rope_scaling, original_context, context, allow_shorter_context):
+        if rope_scaling or original_context or context:
+            raise KilnError(f"{self.path}: {self.family.description} has absolute positions, no RoPE to scale")
+        return None
+
+    def source_record(self) -> dict[str, Any]:
+        from kiln.checkpoint.reader import source_hash
+
+        return {"path": str(self.path.resolve()), "sha256": source_hash(self.path) if self.path.is_dir() else None,
+                "architecture": self.model.architecture, "family": self.family.name, "layout": self.model.layout}
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model.options)
+
+    def record(self, rope):
+        return {"context_length": self.model.context, **self.model.record}
+
+    def write_gguf(self, out, qtype, rope, imatrix, threads, progress, warnings, force):
+        from kiln.export.gguf import write_gguf_atomic
+        from kiln.export.gguf_gpt2 import write_gpt2_gguf
+
+        return write_gguf_atomic(
+            out, qtype, lambda dest, q, ftype: write_gpt2_gguf(self.model, dest, q, ftype, progress),
+            imatrix=imatrix, threads=threads, progress=progress, force=force)
+
+    def check_onnx(self, precision):
+        if precision != "fp32":
+            raise KilnError(f"{self.path}: {self.family.description} exports to ONNX at fp32 only (kiln writes the "
+                            "GPT-2 graph itself; onnxruntime-genai's builder has no GPT-2)")
+
+    def write_onnx(self, tmp, options, rope, progress):
+        from kiln.export.onnx_gpt2 import write_gpt2_onnx
+
+        tok = self.model.tokenizer
+        counts = write_gpt2_onnx(self.model.config, self.model.state, tmp, tokenizer_dir=self.model.tokenizer_dir,
+                                 eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+        return {"options": {"precision": "fp32"}, "op_counts": counts}
+
+    def reference(self, rope):
+        from kiln.verify.arbor_reference import ArborReference
+        from kiln.verify.reference import Gpt2Reference
+
+        # the family's `reference` names which forward runs the source (kiln.families.base.Family)
+        return {"transformers": Gpt2Reference, "arbor": ArborReference}[self.family.reference](self.model)
+
+
+def open_source(src: str | Path, *, allow_pickle: bool = False, n_heads: int | None = None,
+                tokenizer: str | Path | None = None) -> _Source:
+    """Read `src` the way its family says: kiln's GPT-2 form for a GPT-2 shaped family, the decoder reader
+    (which recognises every other checkpoint, or refuses it with the reason) otherwise."""
+    src = Path(src)
+    family = families.for_source(src)
+    if family is not None and family.layout == "gpt2":
+        return _Gpt2Source(src, family, n_heads, tokenizer, allow_pickle)
+    return _DecoderSource(src, allow_pickle)
+
+
 def export_gguf_artifact(
     src: str | Path,
     out: str | Path,
@@ -67,56 +238,45 @@ def export_gguf_artifact(
 ) -> GGUFExportResult:
     """Export `src` to the GGUF `out`, verified against `src` unless `verify=False`.
 
-    A native Arbor checkpoint (kiln.checkpoint.arbor) goes to llama.cpp's gpt2 architecture;
-    `n_heads` and `tokenizer` are for Arbor sources that do not carry them. An existing `out`
+    A GPT-2 shaped checkpoint (HF GPT-2, nanoGPT, native Arbor) goes to llama.cpp's gpt2 architecture;
+    `n_heads` and `tokenizer` are for sources that do not carry them (Arbor, nanoGPT). An existing `out`
     (and its manifest and Modelfile) is replaced only when kiln wrote it, or with `force`.
     """
-    from kiln.export.gguf import default_quant, export_gguf
-
     out = check_output(out, "gguf", force=force, sources=(src, imatrix, tokenizer),
                        companions=lambda dest: _gguf_companions(dest, modelfile))
-    if families.claiming(src) is not None:  # read by its family's own reader (native Arbor)
-        qtype = quant_type(quant or "f16")
-        if rope_scaling or original_context or context:
-            raise KilnError(f"{src}: a native Arbor checkpoint has absolute positions, no RoPE to scale")
-        return _export_arbor_gguf(Path(src), out, qtype, n_heads=n_heads, tokenizer=tokenizer,
-                                  imatrix=imatrix, modelfile=modelfile, verify=verify, threads=threads,
-                                  allow_pickle=allow_pickle, progress=progress, force=force)
-    ckpt = load_checkpoint(src, allow_pickle=allow_pickle)
-    qtype = quant_type(quant or default_quant(ckpt))
-    rope = resolve(ckpt.spec.rope, rope_scaling, original_context, context, allow_shorter_context)
+    source = open_source(src, allow_pickle=allow_pickle, n_heads=n_heads, tokenizer=tokenizer)
+    qtype = quant_type(quant or source.default_quant)
+    rope = source.rope(rope_scaling, original_context, context, allow_shorter_context)
     imatrix_path = Path(imatrix) if imatrix else None
     warnings: list[str] = []
-    stats = export_gguf(ckpt, out, qtype, rope, imatrix=imatrix_path, threads=threads, progress=progress,
-                        warnings=warnings, force=force)
-    reachable = reachable_missing(ckpt.spec.tokenizer.unrepresentable_bytes) if ckpt.spec.tokenizer else []
-    if reachable:
-        warnings.append(f"vocabulary has no byte token for {describe(reachable)}: "
-                        "llama.cpp aborts on text containing them; kiln's runtime refuses such text")
-    mf = None
-    if modelfile:
-        mf = write_modelfile_for(out, ckpt.spec.source, warnings, force=force)
+    stats = source.write_gguf(out, qtype, rope, imatrix_path, threads, progress, warnings, force)
+    mf = write_modelfile_for(out, source.license_dir, warnings, force=force) if modelfile else None
     record = {
         "kind": "gguf",
-        "source": {"path": str(Path(src).resolve()), "sha256": ckpt.source_hash(),
-                   "architecture": ckpt.spec.hf_architecture, "family": ckpt.spec.family},
+        "source": source.source_record(),
         "options": {"quant": qtype.name, "rope_scaling": rope_scaling, "original_context": original_context,
-                    "context": context, "imatrix": str(imatrix_path) if imatrix_path else None},
-        "rope": rope.to_json(),
+                    "context": context, "imatrix": str(imatrix_path) if imatrix_path else None, **source.options()},
+        **source.record(rope),
         "files": [file_record(out)] + ([file_record(mf)] if mf else []),
         "bits_per_weight": round(stats.bits_per_weight, 4),
         "tensor_types": stats.tensor_types,
-        "n_params": ckpt.spec.n_params,
         "verification": None,
         "warnings": warnings,
     }
 
     def check() -> dict[str, Any]:
-        from kiln.verify.gguf_check import verify_gguf
+        from kiln.formats import by_name
+        from kiln.verify.check import verify_artifact
 
-        return verify_gguf(out, ckpt.spec.source, rope, qtype, threads=threads or None).to_json()
+        return verify_artifact(out, source.reference(rope), qtype.name, qtype.float_dtype, fmt=by_name("gguf"),
+                               context=rope.context_length if rope else None, threads=threads or None).to_json()
 
-    return _record_and_verify(out, mf, record, check if verify else None, warnings, progress)
+    manifest = write_manifest(out, record)  # first: the GGUF is known as kiln's even if verification is cut short
+    if verify:
+        _verified(record, check, progress)
+        write_manifest(out, record)
+        _raise_if_failed(record, out, manifest)
+    return GGUFExportResult(out, manifest, mf, record, warnings)
 
 
 def _gguf_companions(out: Path, modelfile: bool) -> list[tuple[Path, str]]:
@@ -124,142 +284,18 @@ def _gguf_companions(out: Path, modelfile: bool) -> list[tuple[Path, str]]:
     return [(manifest_path(out), "manifest")] + ([(modelfile_path(out), "modelfile")] if modelfile else [])
 
 
-def _record_and_verify(out: Path, mf: Path | None, record: dict[str, Any], check: Callable[[], dict[str, Any]] | None,
-                       warnings: list[str], progress: Progress | None) -> GGUFExportResult:
-    """Manifest first (so the GGUF is known as kiln's from the moment it is in place, even if the
-    verification is interrupted), then the verification, then the manifest again with its figures."""
-    manifest = write_manifest(out, record)
-    if check is None:
-        return GGUFExportResult(out, manifest, mf, record, warnings)
+def _verified(record: dict[str, Any], check: Callable[[], dict[str, Any]], progress: Progress | None) -> None:
     if progress:
         progress("verify", 0, 1)
-    verification = record["verification"] = check()
+    record["verification"] = check()
     if progress:
         progress("verify", 1, 1)
-    write_manifest(out, record)
-    if not verification["passed"]:
-        raise KilnError(f"{out}: verification failed: {verification['criterion']} (see {manifest.name})")
-    return GGUFExportResult(out, manifest, mf, record, warnings)
 
 
-def _arbor_tokenizer_dir(src: Path, tokenizer: str | Path | None) -> Path:
-    if tokenizer is not None:
-        return Path(tokenizer)
-    base = src if src.is_dir() else src.parent
-    for cand in (base, base / "tokenizer"):
-        if (cand / "tokenizer.json").exists():
-            return cand
-    raise KilnError(f"{src}: no tokenizer.json beside the checkpoint (nor in tokenizer/): pass --tokenizer DIR")
-
-
-def _export_arbor_gguf(src: Path, out: Path, qtype, *, n_heads: int | None, tokenizer: str | Path | None,
-                       imatrix: str | Path | None, modelfile: bool, verify: bool, threads: int,
-                       allow_pickle: bool, progress: Progress | None, force: bool) -> GGUFExportResult:
-    from kiln.checkpoint.arbor import read_arbor
-    from kiln.checkpoint.reader import source_hash
-    from kiln.checkpoint.tokenizer import read_tokenizer
-    from kiln.export.gguf import write_gguf_atomic
-    from kiln.export.gguf_gpt2 import write_gpt2_gguf
-
-    spec, tensors = read_arbor(src, n_heads=n_heads, allow_pickle=allow_pickle)
-    tok_dir = _arbor_tokenizer_dir(src, tokenizer)
-    tok = read_tokenizer(tok_dir, max(spec.vocab, _tokenizer_size(tok_dir)))
-    name = src.stem if src.is_file() else src.name
-    stats = write_gguf_atomic(
-        out, qtype, lambda dest, q, ftype: write_gpt2_gguf(spec, tensors, tok, dest, q, ftype, name, progress),
-        imatrix=Path(imatrix) if imatrix else None, threads=threads, progress=progress, force=force)
-    warnings: list[str] = []
-    mf = write_modelfile_for(out, None, warnings, force=force) if modelfile else None
-    record = {
-        "kind": "gguf",
-        "source": {"path": str(src.resolve()), "sha256": source_hash(src) if src.is_dir() else None,
-                   "architecture": "arbor", "family": "gpt2", "layout": spec.layout},
-        "options": {"quant": qtype.name, "n_heads": n_heads, "tokenizer": str(tok_dir),
-                    "imatrix": str(imatrix) if imatrix else None},
-        "arbor": {"ffn_widths": list(spec.ffn_widths), "max_positions": spec.max_positions,
-                  "activation": spec.activation},
-        "files": [file_record(out)] + ([file_record(mf)] if mf else []),
-        "bits_per_weight": round(stats.bits_per_weight, 4),
-        "tensor_types": stats.tensor_types,
-        "verification": None,
-        "warnings": warnings,
-    }
-
-    def check() -> dict[str, Any]:
-        from kiln.verify.arbor_check import verify_arbor_gguf
-
-        return verify_arbor_gguf(out, spec, tensors, qtype, threads=threads or None).to_json()
-
-    return _record_and_verify(out, mf, record, check if verify else None, warnings, progress)
-
-
-def _export_arbor_onnx(src: Path, out: Path, *, n_heads: int | None, tokenizer: str | Path | None, verify: bool,
-                       threads: int, allow_pickle: bool, force: bool) -> OnnxExportResult:
-    """Native Arbor as an exact GPT-2 graph (kiln.export.onnx_gpt2), checked against Arbor's own forward:
-    unlike llama.cpp, onnxruntime computes exact-erf GELU, so the flat f32 bound applies."""
-    from kiln.checkpoint.arbor import read_arbor, to_gpt2
-    from kiln.checkpoint.reader import source_hash
-    from kiln.checkpoint.tokenizer import read_tokenizer
-    from kiln.export.onnx_gpt2 import write_gpt2_onnx
-
-    spec, tensors = read_arbor(src, n_heads=n_heads, allow_pickle=allow_pickle)
-    tok_dir = _arbor_tokenizer_dir(src, tokenizer)
-    tok = read_tokenizer(tok_dir, max(spec.vocab, _tokenizer_size(tok_dir)))
-    config, state = to_gpt2(spec, tensors)
-
-    def build(tmp: Path) -> dict[str, Any]:
-        counts = write_gpt2_onnx(config, state, tmp, tokenizer_dir=tok_dir, eos_token_id=tok.eos_id,
-                                 bos_token_id=tok.bos_id)
-        return {"kind": "onnx",
-                "source": {"path": str(src.resolve()), "sha256": source_hash(src) if src.is_dir() else None,
-                           "architecture": "arbor", "family": "gpt2", "layout": spec.layout},
-                "options": {"precision": "fp32", "n_heads": n_heads, "tokenizer": str(tok_dir)},
-                "arbor": {"ffn_widths": list(spec.ffn_widths), "max_positions": spec.max_positions,
-                          "activation": spec.activation},
-                "op_counts": counts}
-
-    def check(tmp: Path) -> dict[str, Any]:
-        from kiln.verify.arbor_check import verify_arbor_onnx
-
-        return verify_arbor_onnx(tmp, spec, tensors, threads=threads or None).to_json()
-
-    return _onnx_directory(out, force, build, check if verify else None, [], None)
-
-
-def _onnx_directory(out: Path, force: bool, build: Callable[[Path], dict[str, Any]],
-                    check: Callable[[Path], dict[str, Any]] | None, warnings: list[str],
-                    progress: Progress | None) -> OnnxExportResult:
-    """Every ONNX export's one sequence: build the directory beside `out`, verify it there, record it
-    (manifest.json inside, listing every file), and only then put it in place; a failed verification
-    still publishes the directory with its figures, and raises."""
-    with atomic_dir(out, may_replace("onnx", force)) as tmp:
-        record = build(tmp)
-        verification = None
-        if check is not None:
-            if progress:
-                progress("verify", 0, 1)
-            verification = check(tmp)
-            if progress:
-                progress("verify", 1, 1)
-        record.update({"files": [file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()],
-                       "verification": verification, "warnings": warnings})
-        write_manifest_file(tmp / ONNX_MANIFEST, record)
-    manifest = out / ONNX_MANIFEST
+def _raise_if_failed(record: dict[str, Any], out: Path, manifest: Path) -> None:
+    verification = record["verification"]
     if verification is not None and not verification["passed"]:
-        raise KilnError(f"{out}: verification failed: {verification['criterion']} (see {manifest})")
-    return OnnxExportResult(out, manifest, record, warnings)
-
-
-def _tokenizer_size(directory: Path) -> int:
-    """Ids the tokenizer uses (llama.cpp needs an embedding row for each: missing rows are zero-padded)."""
-    import json
-
-    try:
-        data = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
-        ids = [*data["model"]["vocab"].values(), *(t["id"] for t in data.get("added_tokens", []))]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return 0  # read_tokenizer reports what is wrong with it
-    return max(ids) + 1 if ids else 0
+        raise KilnError(f"{out}: verification failed: {verification['criterion']} (see {manifest.name})")
 
 
 def write_modelfile_for(gguf: Path, source: Path | None = None, warnings: list[str] | None = None,
@@ -319,20 +355,14 @@ def export_onnx_artifact(
     """Export `src` to the ONNX model directory `out` (model.onnx + data, genai_config.json,
     tokenizer files, manifest.json), verified in onnxruntime against `src` unless `verify=False`.
 
-    The directory appears only when complete: it is built beside `out` and renamed into place. An
-    existing `out` is replaced only when it is a kiln ONNX directory holding nothing else, or with `force`.
+    The directory appears only when complete: it is built beside `out`, verified there, recorded
+    (manifest.json inside, listing every file) and renamed into place; a failed verification still
+    publishes the directory with its figures, and raises. An existing `out` is replaced only when it
+    is a kiln ONNX directory holding nothing else, or with `force`.
     """
-    from kiln.export.onnx import OnnxOptions, check_supported, export_onnx, options_json
+    from kiln.export.onnx import OnnxOptions
 
     out = check_output(out, "onnx", force=force, sources=(src, tokenizer))
-    if families.claiming(src) is not None:  # read by its family's own reader (native Arbor)
-        if precision != "fp32":
-            raise KilnError(f"{src}: native Arbor checkpoints export to ONNX at fp32 only (kiln writes that graph "
-                            "itself; onnxruntime-genai's builder has no GPT-2)")
-        if rope_scaling or original_context or context:
-            raise KilnError(f"{src}: a native Arbor checkpoint has absolute positions, no RoPE to scale")
-        return _export_arbor_onnx(Path(src), out, n_heads=n_heads, tokenizer=tokenizer, verify=verify,
-                                  threads=threads, allow_pickle=allow_pickle, force=force)
     options = OnnxOptions(precision=precision, block_size=block_size, symmetric=symmetric,
                           accuracy_level=accuracy_level, lm_head=lm_head, embeddings=embeddings,
                           execution_provider=execution_provider, method=method)
@@ -340,29 +370,30 @@ def export_onnx_artifact(
     if verify and precision == "fp16":
         raise KilnError("fp16 ONNX graphs run on CUDA only, and kiln verifies ONNX graphs in onnxruntime on the CPU: "
                         "pass --no-verify to export one unverified")
-    ckpt = load_checkpoint(src, allow_pickle=allow_pickle)
-    check_supported(ckpt)
-    if ckpt.gptq is not None:
-        # The builder's GPTQ loader keeps the checkpoint's codes and scales (MatMulNBits, not
-        # re-quantized); --precision then only reaches the tensors GPTQ left in float.
-        wanted = f"int{ckpt.gptq.bits}"
-        if precision != wanted:
-            raise KilnError(f"{src}: a {ckpt.gptq.bits}-bit GPTQ checkpoint exports as --precision {wanted} "
-                            "(its weights go into the graph as they are)")
-    rope = resolve(ckpt.spec.rope, rope_scaling, original_context, context, allow_shorter_context)
-    def build(tmp: Path) -> dict[str, Any]:
-        stats = export_onnx(ckpt, tmp, options, rope, progress=progress)
-        return {"kind": "onnx",
-                "source": {"path": str(Path(src).resolve()), "sha256": ckpt.source_hash(),
-                           "architecture": ckpt.spec.hf_architecture, "family": ckpt.spec.family},
-                "options": {**options_json(options), "rope_scaling": rope_scaling,
-                            "original_context": original_context, "context": context},
-                "rope": rope.to_json(), "bits_per_weight": round(stats.bits_per_weight, 4),
-                "op_counts": stats.op_counts, "n_params": ckpt.spec.n_params}
+    source = open_source(src, allow_pickle=allow_pickle, n_heads=n_heads, tokenizer=tokenizer)
+    source.check_onnx(precision)
+    rope = source.rope(rope_scaling, original_context, context, allow_shorter_context)
+    from kiln.formats import by_name
 
-    def check(tmp: Path) -> dict[str, Any]:
-        from kiln.verify.onnx_check import verify_onnx
+    fmt = by_name("onnx")
+    with atomic_dir(out, may_replace("onnx", force)) as tmp:
+        written = source.write_onnx(tmp, options, rope, progress)
+        record = {"kind": "onnx", "source": source.source_record(), **source.record(rope),
+                  **written,
+                  "options": {**written.pop("options"), "rope_scaling": rope_scaling,
+                              "original_context": original_context, "context": context, **source.options()},
+                  "verification": None}
 
-        return verify_onnx(tmp, ckpt.spec.source, rope, precision, threads=threads or None).to_json()
+        def check() -> dict[str, Any]:
+            from kiln.verify.check import ONNX_FLOAT, verify_artifact
 
-    return _onnx_directory(out, force, build, check if verify else None, [], progress)
+            return verify_artifact(tmp, source.reference(rope), precision, ONNX_FLOAT[precision], fmt=fmt,
+                                   context=rope.context_length if rope else None,
+                                   threads=threads or None).to_json()
+
+        if verify:
+            _verified(record, check, progress)
+        record.update({"files": [file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()], "warnings": []})
+        write_manifest_file(tmp / ONNX_MANIFEST, record)
+    _raise_if_failed(record, out, out / ONNX_MANIFEST)
+    return OnnxExportResult(out, out / ONNX_MANIFEST, record, [])

@@ -52,8 +52,9 @@ class Geometry:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * per
 
     def kv_cells(self, context: int) -> int:
-        """Cells a runtime allocates for `context`: llama.cpp pads its KV cache to a multiple of 256."""
-        return -(-context // 256) * 256 if self.format == "gguf" else context
+        """Cells a runtime allocates for `context` (llama.cpp pads its KV cache to a multiple of 256)."""
+        multiple = by_name(self.format).kv_cell_multiple if self.format != "hf" else 1
+        return -(-context // multiple) * multiple
 
     def kv_bytes(self, tokens: int, kv_type: str | None = None) -> int:
         return int(round(self.kv_bytes_per_token(kv_type) * tokens))

@@ -22,6 +22,7 @@ from kiln.bench.geometry import Geometry, read_geometry
 from kiln.bench.machine import copy_bandwidth, machine, versions
 from kiln.bench.probe import ProbeSpec
 from kiln.errors import KilnError
+from kiln.formats import by_name
 
 Progress = Callable[[str, int, int], None]
 KV_TYPES = ("f16", "q8_0", "q4_0", "f32")
@@ -56,7 +57,7 @@ class BenchOptions:
 
 
 def _configs(geo: Geometry, opts: BenchOptions) -> list[tuple[str, str]]:
-    if geo.format != "gguf":
+    if not by_name(geo.format).configurable_kv:
         return [("graph", "n/a")]  # ONNX: the KV type is the graph's, attention is GroupQueryAttention
     return [(k, f) for k in opts.kv_types for f in opts.flash_attn]
 
@@ -76,15 +77,17 @@ def probe_in_process_of_its_own(spec: ProbeSpec, timeout: float | None = None) -
 
 def _row(path: Path, geo: Geometry, context: int, kv: str, fa: str, n: int) -> dict[str, Any]:
     return {"artifact": path.name, "path": str(path), "format": geo.format, "context": context,
-            "kv_type": kv if geo.format == "gguf" else f"graph {'f16' if geo.kv_bytes_per_elem == 2 else 'f32'}",
+            "kv_type": kv if by_name(geo.format).configurable_kv else
+            f"graph {'f16' if geo.kv_bytes_per_elem == 2 else 'f32'}",
             "flash_attn": fa, "particles": n, "model_bytes": geo.model_bytes,
             "note": geo.context_note(context)}
 
 
 def _derive(row: dict[str, Any], geo: Geometry, kv: str, bandwidth: float) -> None:
     """Formula KV bytes, bytes read per decode step and the bandwidth bound, next to what was measured."""
-    kv_type = kv if geo.format == "gguf" else None
-    rows = 1 if geo.format == "gguf" else row["particles"]  # llama.cpp: one unified cache of n_ctx cells
+    fmt = by_name(geo.format)
+    kv_type = kv if fmt.configurable_kv else None
+    rows = 1 if fmt.shared_kv_pool else row["particles"]  # llama.cpp: one unified cache of n_ctx cells
     row["kv_bytes_formula"] = geo.kv_bytes(geo.kv_cells(row["context"]), kv_type) * rows
     depth = row.get("prompt_tokens")
     if depth is not None and row.get("tg_tok_s") and row["particles"] == 1:
@@ -131,14 +134,14 @@ def run_bench(artifacts: Sequence[str | Path], options: BenchOptions, out: str |
         skip = None
         if c > geo.context_length:
             skip = row["note"]
-        elif geo.format == "gguf" and kv not in ("f16", "f32") and fa == "off":
+        elif by_name(geo.format).configurable_kv and kv not in ("f16", "f32") and fa == "off":
             skip = "a quantized V cache needs flash attention (llama.cpp refuses it with flash attention off)"
         if skip:
             if kind == "kiln":
                 rows.append({**row, "skipped": skip})
             continue
         spec = ProbeSpec(str(p), kind, c, n, options.n_gen, options.threads,
-                         kv if geo.format == "gguf" else "f16", FLASH.get(fa, False))
+                         kv if by_name(geo.format).configurable_kv else "f16", FLASH.get(fa, False))
         result = probe_in_process_of_its_own(spec)
         result.pop("spec", None)
         if kind == "pair":
@@ -183,7 +186,7 @@ def _attach_predictions(report: dict[str, Any], geos: dict[Path, Geometry]) -> N
         if row.get("peak_rss_kib") is None:
             continue
         geo = geos[Path(row["path"])]
-        kv = row["kv_type"] if geo.format == "gguf" else None
+        kv = row["kv_type"] if by_name(geo.format).configurable_kv else None
         pred = predict_peak(geo, row["context"], kv_type=kv, particles=row["particles"],
                             flash_attn=row["flash_attn"] == "on")
         row["predicted_peak_bytes"] = pred.total

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from kiln.checkpoint.gpt2 import Gpt2Checkpoint, is_nanogpt, read_tokenizer_for, tokenizer_dir_for
 from kiln.checkpoint.tensors import find_weight_files, open_pickle, open_safetensors, torch_load_weights
 from kiln.errors import KilnError
 from kiln.jsonfile import read_json_object
@@ -257,7 +258,8 @@ def is_native_arbor(path: str | Path) -> bool:
     no `architectures`). read_arbor then decides by tensor names and refuses anything else clearly."""
     where = Path(path)
     if where.is_file():
-        return where.suffix in (".pt", ".pth", ".bin", ".safetensors")
+        # a nanoGPT ckpt.pt is a .pt too: told apart by its pickle's opcodes, nothing unpickled
+        return where.suffix in (".pt", ".pth", ".bin", ".safetensors") and not is_nanogpt(where)
     config = where / "config.json"
     if not where.is_dir():
         return False
@@ -417,3 +419,24 @@ def to_gpt2(spec: ArborSpec, tensors: dict[str, np.ndarray]) -> tuple[dict[str, 
         "arbor_ffn_widths": list(spec.ffn_widths),
     }
     return config, state
+
+
+def read_arbor_gpt2(path: str | Path, n_heads: int | None = None, tokenizer: str | Path | None = None,
+                    allow_pickle: bool = False) -> Gpt2Checkpoint:
+    """A native Arbor checkpoint in the common GPT-2 form (kiln.checkpoint.gpt2), with what its exports
+    record besides: the true FFN widths and the erf GELU as GGUF keys and a manifest block, and the
+    native spec and tensors (``native``) for checks that run Arbor's own forward."""
+    src = Path(path)
+    spec, tensors = read_arbor(src, n_heads=n_heads, allow_pickle=allow_pickle)
+    tok_dir = tokenizer_dir_for(src, tokenizer)
+    tok = read_tokenizer_for(tok_dir, spec.vocab)
+    config, state = to_gpt2(spec, tensors)
+    return Gpt2Checkpoint(
+        config=config, state=state, source=src, tokenizer_dir=tok_dir, tokenizer=tok,
+        name=src.stem if src.is_file() else src.name, architecture="arbor", layout=spec.layout,
+        gguf_keys=(("arbor.ffn_dims", list(spec.ffn_widths)), ("arbor.activation", "gelu_erf"),
+                   ("arbor.source_format", f"native-{spec.layout}")),
+        record={"arbor": {"ffn_widths": list(spec.ffn_widths), "max_positions": spec.max_positions,
+                          "activation": spec.activation}},
+        options={"n_heads": n_heads, "tokenizer": str(tok_dir)},
+        native=(spec, tensors))

@@ -42,7 +42,7 @@ def _pre_name(pre: dict[str, Any] | None, path: Path) -> str:
         raise KilnError(f"{path}: tokenizer has no pre_tokenizer; only byte-level BPE tokenizers are supported")
     kind = pre.get("type")
     if kind == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # GPT-2's own regex: llama.cpp's LLAMA_VOCAB_PRE_TYPE_GPT2, spelt with a hyphen
     if kind == "Sequence":
         parts = pre.get("pretokenizers", [])
         kinds = [p.get("type") for p in parts]

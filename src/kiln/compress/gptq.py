@@ -215,6 +215,9 @@ def _load_float_model(src: Path):
 
     from kiln.checkpoint.hf_model import float_model
 
+    claimed = families.for_source(src)
+    if claimed is not None and claimed.gptq_groups is None:
+        raise KilnError(f"{src}: {claimed.description}; GPTQ supports {_supported('gptq_groups')} layouts")
     ckpt = load_checkpoint(src)
     if ckpt.gptq is not None:
         raise KilnError(f"{src}: already a GPTQ checkpoint; quantize its float original instead")

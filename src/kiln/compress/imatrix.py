@@ -64,7 +64,7 @@ def _check_source(src: Path):
     if not src.exists():
         raise KilnError(f"{src}: no such file or directory")
     supported = "/".join(sorted({f.name for f in families.FAMILIES.values() if f.imatrix_hooks is not None}))
-    claimed = families.claiming(src)
+    claimed = families.for_source(src)
     if claimed is not None and claimed.imatrix_hooks is None:
         raise KilnError(f"{src}: {claimed.description}; imatrix supports {supported} layouts")
     ckpt = load_checkpoint(src)

@@ -7,10 +7,14 @@ general.architecture with `by_name`; `of(spec)` for a ModelSpec already read.
 
 from __future__ import annotations
 
-from kiln.families import arbor, llama, qwen2, qwen3  # noqa: F401  (each registers its classes)
+# Each import registers its classes. Order matters only among families that claim paths: nanoGPT's
+# ckpt.pt before native Arbor, which claims any other torch file.
+from kiln.families import gpt2, llama, nanogpt, qwen2, qwen3  # noqa: F401, I001
+from kiln.families import arbor  # noqa: F401, E402, I001
 from kiln.families.base import Family, TensorRow
 from kiln.families.registry import (FAMILIES, TensorDetection, by_name, claiming, detected_config, detection_for,
-                                    for_architecture, for_config, register, resolve, supported)
+                                    for_architecture, for_config, for_source, register, resolve,
+                                    supported)
 
 
 def of(spec) -> type[Family]:
@@ -19,4 +23,4 @@ def of(spec) -> type[Family]:
 
 
 __all__ = ["FAMILIES", "Family", "TensorDetection", "TensorRow", "by_name", "claiming", "detected_config",
-           "detection_for", "for_architecture", "for_config", "of", "register", "resolve", "supported"]
+           "detection_for", "for_architecture", "for_config", "for_source", "of", "register", "resolve", "supported"]

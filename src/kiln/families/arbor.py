@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from kiln.families.base import Family
+from kiln.families.gpt2 import GPT2
 from kiln.families.registry import TensorDetection, register
 
 
@@ -35,16 +36,13 @@ class ArborLlamaStyle(Family):
 
 
 @register
-class NativeArbor(Family):
+class NativeArbor(GPT2):
     """GPT-2 shaped Arbor, read by path with kiln.checkpoint.arbor (it has no HF config to dispatch on)."""
 
-    name = "gpt2"
     description = "a native Arbor checkpoint (GPT-2 style)"
     architectures = ()
     claims_paths = True
-    onnx_builder = False  # kiln writes its GPT-2 graph itself (kiln.export.onnx_gpt2), fp32 only
-    gptq_groups = None
-    imatrix_hooks = None
+    reference = "arbor"  # Arbor's own forward (kiln.verify.arbor_reference): no transformers class runs it
     # Tensors of checkpoints that share a model_type with a by-tensors row but are read here.
     read_elsewhere: ClassVar[dict[str, str]] = {
         "token_embedding.embedding.weight": "a native Arbor checkpoint (GPT-2 style): read it with "
@@ -62,21 +60,8 @@ class NativeArbor(Family):
         return "n_embd" in config and "hidden_size" not in config  # a GPT-2 layout config (cost model)
 
     @classmethod
-    def weight_shapes(cls, config: dict[str, Any], tied: bool) -> list[tuple[str, str, int | None, int, int]]:
-        """GPT-2 layout: a position table beside the token embedding, LayerNorms with biases, a tied head."""
-        d, n_layers, v = int(config["n_embd"]), int(config["n_layer"]), int(config["vocab_size"])
-        pos = int(config.get("n_positions") or config.get("n_ctx") or 1024)
-        out: list[tuple[str, str, int | None, int, int]] = [
-            ("token_embd", "token_embd", None, d, v), ("position_embd", "pos_embd", None, d, pos)]
-        for i in range(n_layers):
-            out += [(f"blk.{i}.{name}", category, i, ne0, rows)
-                    for name, category, ne0, rows in cls.layer_weight_tensors(config)]
-        return out + [("output_norm", "norm", None, 1, 2 * d)]
+    def read_gpt2(cls, path: Path, *, n_heads: int | None = None, tokenizer: str | Path | None = None,
+                  allow_pickle: bool = False):
+        from kiln.checkpoint.arbor import read_arbor_gpt2
 
-    @classmethod
-    def layer_weight_tensors(cls, config: dict[str, Any]) -> list[tuple[str, str, int, int]]:
-        d = int(config["n_embd"])
-        ff = int(config.get("n_inner") or 4 * d)
-        return [("attn_qkv", "attn_qkv", d, 3 * d), ("attn_output", "attn_output", d, d),
-                ("ffn_up", "ffn_up", d, ff), ("ffn_down", "ffn_down", ff, d),
-                ("norms", "norm", 1, 4 * d), ("biases", "bias", 1, 3 * d + d + ff + d)]
+        return read_arbor_gpt2(path, n_heads=n_heads, tokenizer=tokenizer, allow_pickle=allow_pickle)

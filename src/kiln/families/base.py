@@ -125,6 +125,16 @@ class Family:
     name: ClassVar[str] = ""  # kiln's family name, equal to the GGUF general.architecture
     description: ClassVar[str] = ""  # how messages name a checkpoint of this family, when it matters
     architectures: ClassVar[tuple[str, ...]] = ()  # HF `architectures` names read as this family
+    # --- how kiln reads, writes and checks it
+    # "decoder": config.json -> ModelSpec (kiln.checkpoint.load_checkpoint), kiln.export.gguf's tensor table,
+    # onnxruntime-genai's builder, a transformers reference. "gpt2": the family's `read_gpt2` gives kiln's GPT-2
+    # form (kiln.checkpoint.gpt2.Gpt2Checkpoint), written by kiln.export.gguf_gpt2 / onnx_gpt2.
+    layout: ClassVar[str] = "decoder"
+    # What verification runs the source with: "transformers" (the source as transformers computes it) or
+    # "arbor" (Arbor's own forward, kiln.verify.arbor_reference: Arbor has no transformers class).
+    reference: ClassVar[str] = "transformers"
+    # Whether positions are rotary (so --rope-scaling / --context can be baked); absolute tables cannot.
+    rotary: ClassVar[bool] = True
     # --- config -> ModelSpec
     attention_bias: ClassVar[bool | None] = None  # None: config["attention_bias"] (default False)
     qk_norm: ClassVar[bool] = False

@@ -124,3 +124,21 @@ def for_config(config: dict[str, Any]) -> type | None:
     if row is not None:
         return FAMILIES[row.architecture]
     return next((cls for cls in _CLAIMING if cls.claims_config(config)), None)
+
+
+def for_source(path: str | Path) -> type | None:
+    """The family of a checkpoint path when it is known without reading tensors: the family that claims
+    the path, else the one its config.json's `architectures` names. None leaves the decision to the
+    decoder reader (kiln.checkpoint.load_checkpoint), which recognises the rest by tensors or refuses."""
+    import json
+
+    path = Path(path)
+    claimed = claiming(path)
+    if claimed is not None:
+        return claimed
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    return next((FAMILIES[a] for a in archs or [] if isinstance(a, str) and a in FAMILIES), None)

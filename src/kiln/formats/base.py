@@ -36,6 +36,19 @@ class Format(ABC):
     # Engine options for measuring an artifact's own fidelity (parity checks, `kiln eval`): settings
     # that would add rounding of their own (a quantized KV cache, flash attention) turned off.
     verification_options: ClassVar[dict[str, Any]] = {}
+    # What the parity check must know about how the engine computes (kiln.verify.check):
+    # whether it also runs the short prompts as batch rows of one step (a graph that mixes rows fails);
+    # whether rope angles drift with position (llama.cpp forms them by repeated f32 multiplication, where
+    # transformers uses one multiply; onnxruntime reads tables transformers computed);
+    # whether every GELU is the tanh approximation whatever the model says (llama.cpp's gpt2 graph, through
+    # an f16 lookup table on CPU), which a reference with exact-erf GELU must allow for.
+    verification_rows: ClassVar[bool] = False
+    rope_angle_drift: ClassVar[bool] = False
+    approximate_gelu: ClassVar[bool] = False
+    # KV cache: whether element type and flash attention are engine settings a bench sweeps (llama.cpp),
+    # and the multiple the engine rounds a context's cells up to.
+    configurable_kv: ClassVar[bool] = False
+    kv_cell_multiple: ClassVar[int] = 1
 
     @abstractmethod
     def detect(self, path: Path) -> bool:

@@ -33,6 +33,10 @@ class GGUF(Format):
     shared_kv_pool = True  # llama.cpp with kv_unified: one cell pool for every sequence
     # f32 K and V (GGML_TYPE_F32 = 0) and no flash attention: only the artifact's own rounding shows
     verification_options = {"flash_attn": False, "type_k": 0, "type_v": 0}
+    rope_angle_drift = True
+    approximate_gelu = True
+    configurable_kv = True
+    kv_cell_multiple = 256  # llama.cpp pads its KV cache to a multiple of 256 cells
 
     def detect(self, path: Path) -> bool:
         """A file named *.gguf (whatever its bytes: a broken one gets the reader's one-line error), or

@@ -22,6 +22,7 @@ class ONNX(Format):
     noun = "an ONNX model directory"
     hint = f"a directory with {CONFIG}"
     shared_kv_pool = False  # every particle is a batch row with its own past/present buffers
+    verification_rows = True
 
     def detect(self, path: Path) -> bool:
         return path.is_dir() and self.config_path(path).is_file()

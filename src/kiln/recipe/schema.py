@@ -129,7 +129,8 @@ class Bench(Strict):
 
 
 class SourceOptions(Strict):
-    """For native Arbor checkpoints (the `kiln export` source options)."""
+    """For checkpoints that carry less than a Hugging Face directory: native Arbor, nanoGPT (`kiln export`'s
+    source options)."""
 
     allow_pickle: bool = False
     n_heads: int | None = Field(default=None, gt=0)

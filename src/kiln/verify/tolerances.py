@@ -74,10 +74,13 @@ def float_bound(floor_rel: float, max_position: int) -> float:
     return FLOAT_FLOOR_MULTIPLE * floor_rel + f32_bound(max_position)
 
 
-# ONNX MatMulNBits at the default block size 32 (set from the measurements in onnx_check's
+# ONNX MatMulNBits at the default block size 32 (set from the ONNX measurements of
 # docstring): int8 blocks are finer than llama.cpp's q8_0 only in the scale type, so the
 # q8_0 anchor applies; symmetric int4 blocks of 32 are q4_0's grid, so q4_0's anchor applies.
 ONNX_KL_BOUNDS: dict[str, float] = {
     "int8": KL_BOUNDS["q8_0"],
     "int4": KL_BOUNDS["q4_0"],
 }
+
+# Published anchors by artifact format (Format.name), for the quality line of every verification.
+KL_ANCHORS: dict[str, dict[str, float]] = {"gguf": KL_BOUNDS, "onnx": ONNX_KL_BOUNDS}
