@@ -161,9 +161,7 @@ class _Gpt2Source(_Source):
         self.license_dir = src if src.is_dir() else None
 
     def rope(self, rope_scaling, original_context, context, allow_shorter_context):
-        if rope_scaling or original_context or context:
-            raise KilnError(f"{self.path}: {self.family.description} has absolute positions, no RoPE to scale")
-        return None
+        return None  # absolute positions: `_refuse_early` has refused the rope options
 
     def source_record(self) -> dict[str, Any]:
         from kiln.checkpoint.reader import source_hash
@@ -185,11 +183,6 @@ class _Gpt2Source(_Source):
             out, qtype, lambda dest, q, ftype: write_gpt2_gguf(self.model, dest, q, ftype, progress),
             imatrix=imatrix, threads=threads, progress=progress, force=force)
 
-    def check_onnx(self, precision):
-        if precision != "fp32":
-            raise KilnError(f"{self.path}: {self.family.description} exports to ONNX at fp32 only (kiln writes the "
-                            "GPT-2 graph itself; onnxruntime-genai's builder has no GPT-2)")
-
     def write_onnx(self, tmp, options, rope, progress):
         from kiln.export.onnx_gpt2 import write_gpt2_onnx
 
@@ -204,6 +197,19 @@ class _Gpt2Source(_Source):
 
         # the family's `reference` names which forward runs the source (kiln.families.base.Family)
         return {"transformers": Gpt2Reference, "arbor": ArborReference}[self.family.reference](self.model)
+
+
+def _refuse_early(src: str | Path, *, rope: bool, precision: str | None = None) -> None:
+    """Options the source's family cannot honour, refused before anything is read (reading a pickle or a
+    large checkpoint first would make the user wait for a refusal the family already knew)."""
+    family = families.for_source(src)
+    if family is None:
+        return
+    if rope and not family.rotary:
+        raise KilnError(f"{src}: {family.description} has absolute positions, no RoPE to scale")
+    if precision is not None and family.onnx_precisions is not None and precision not in family.onnx_precisions:
+        raise KilnError(f"{src}: {family.description} exports to ONNX at {'/'.join(family.onnx_precisions)} only "
+                        "(kiln writes that graph itself; onnxruntime-genai's builder does not take the family)")
 
 
 def open_source(src: str | Path, *, allow_pickle: bool = False, n_heads: int | None = None,
@@ -244,6 +250,7 @@ def export_gguf_artifact(
     """
     out = check_output(out, "gguf", force=force, sources=(src, imatrix, tokenizer),
                        companions=lambda dest: _gguf_companions(dest, modelfile))
+    _refuse_early(src, rope=bool(rope_scaling or original_context or context))
     source = open_source(src, allow_pickle=allow_pickle, n_heads=n_heads, tokenizer=tokenizer)
     qtype = quant_type(quant or source.default_quant)
     rope = source.rope(rope_scaling, original_context, context, allow_shorter_context)
@@ -370,6 +377,7 @@ def export_onnx_artifact(
     if verify and precision == "fp16":
         raise KilnError("fp16 ONNX graphs run on CUDA only, and kiln verifies ONNX graphs in onnxruntime on the CPU: "
                         "pass --no-verify to export one unverified")
+    _refuse_early(src, rope=bool(rope_scaling or original_context or context), precision=precision)
     source = open_source(src, allow_pickle=allow_pickle, n_heads=n_heads, tokenizer=tokenizer)
     source.check_onnx(precision)
     rope = source.rope(rope_scaling, original_context, context, allow_shorter_context)

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.checkpoint.gpt2 import Gpt2Checkpoint, is_nanogpt, read_tokenizer_for, tokenizer_dir_for
+from kiln.checkpoint.gpt2 import LAYER_SHAPES, Gpt2Checkpoint, is_nanogpt, read_tokenizer_for, tokenizer_dir_for
 from kiln.checkpoint.tensors import find_weight_files, open_pickle, open_safetensors, torch_load_weights
 from kiln.errors import KilnError
 from kiln.jsonfile import read_json_object
@@ -35,21 +35,6 @@ POS = "pos_encoding.pe"
 FINAL_NORM = ("final_norm.weight", "final_norm.bias")
 LM_HEAD = "lm_head.weight"
 
-# Per-layer native tensors: suffix under ``layers.{i}.`` -> shape from (D, F_i).
-_LAYER: dict[str, Any] = {
-    "self_attn.in_proj_weight": lambda d, f: (3 * d, d),
-    "self_attn.in_proj_bias": lambda d, f: (3 * d,),
-    "self_attn.out_proj.weight": lambda d, f: (d, d),
-    "self_attn.out_proj.bias": lambda d, f: (d,),
-    "norm1.weight": lambda d, f: (d,),
-    "norm1.bias": lambda d, f: (d,),
-    "norm2.weight": lambda d, f: (d,),
-    "norm2.bias": lambda d, f: (d,),
-    "ffn.fc1.weight": lambda d, f: (f, d),
-    "ffn.fc1.bias": lambda d, f: (f,),
-    "ffn.fc2.weight": lambda d, f: (d, f),
-    "ffn.fc2.bias": lambda d, f: (d,),
-}
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 # Tensor names that identify what a checkpoint is, checked in order (reference/arbor.md §1.1, §2.5).
@@ -371,6 +356,14 @@ GPT2_LAYER: tuple[tuple[str, str, bool], ...] = (
     ("mlp.c_proj.weight", "ffn.fc2.weight", True),
     ("mlp.c_proj.bias", "ffn.fc2.bias", False),
 )
+
+
+# Per-layer native tensors: suffix under ``layers.{i}.`` -> shape from (D, F_i), read off GPT-2's table
+# (one table): a transposed Conv1D weight [in, out] is torch's [out, in].
+_LAYER: dict[str, Any] = {
+    native: (lambda d, f, g=gpt2, t=transpose: LAYER_SHAPES[g](d, f)[::-1] if t else LAYER_SHAPES[g](d, f))
+    for gpt2, native, transpose in GPT2_LAYER
+}
 
 
 def to_gpt2(spec: ArborSpec, tensors: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

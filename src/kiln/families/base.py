@@ -152,6 +152,7 @@ class Family:
     gguf_add_space_prefix: ClassVar[bool] = False
     # --- ONNX: onnxruntime-genai's builder maps this architecture onto its GroupQueryAttention decoder
     onnx_builder: ClassVar[bool] = True
+    onnx_precisions: ClassVar[tuple[str, ...] | None] = None  # None: every precision the builder writes
     # --- calibration (None: GPTQ / imatrix do not support the family)
     gptq_groups: ClassVar[tuple[tuple[str, ...], ...] | None] = DECODER_GPTQ_GROUPS
     imatrix_hooks: ClassVar[dict[str, tuple[str, ...]] | None] = DECODER_IMATRIX_HOOKS

@@ -26,6 +26,7 @@ class GPT2(Family):
     layout = "gpt2"
     rotary = False
     onnx_builder = False  # kiln writes the GPT-2 graph itself (kiln.export.onnx_gpt2), fp32 only
+    onnx_precisions = ("fp32",)
     gptq_groups = None
     imatrix_hooks = None
     read_elsewhere: ClassVar[dict[str, str]] = {}
