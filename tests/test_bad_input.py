@@ -216,8 +216,14 @@ def test_bad_hidden_size_value(qwen2: Path, tmp_path: Path, value) -> None:
 
 
 def test_unknown_architecture(qwen2: Path, tmp_path: Path) -> None:
+    edit_json(qwen2 / "config.json", lambda c: c.update(architectures=["FalconForCausalLM"], model_type="falcon"))
+    export_fails(qwen2, tmp_path, "config.json", "unknown architecture", "FalconForCausalLM")
+
+
+def test_config_naming_a_family_the_tensors_are_not(qwen2: Path, tmp_path: Path) -> None:
+    """config.json says GPT-2, the tensors are Qwen2's: the first GPT-2 tensor that is missing is named."""
     edit_json(qwen2 / "config.json", lambda c: c.update(architectures=["GPT2LMHeadModel"], model_type="gpt2"))
-    export_fails(qwen2, tmp_path, "config.json", "unknown architecture", "GPT2LMHeadModel")
+    export_fails(qwen2, tmp_path, "wte.weight", "missing")
 
 
 def test_model_type_only_config(qwen2: Path, tmp_path: Path) -> None:

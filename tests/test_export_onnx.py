@@ -316,7 +316,7 @@ def test_bad_sources(tmp_path: Path, fixture_dirs) -> None:
     assert res.returncode == 1 and "no such file" in res.stderr
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    (bad / "config.json").write_text(json.dumps({"architectures": ["FalconForCausalLM"]}))
     res = _run_kiln("export", "onnx", bad, "-o", tmp_path / "o")
     assert res.returncode == 1 and "unknown architecture" in res.stderr and "Traceback" not in res.stderr
     blocker = tmp_path / "file"

@@ -243,7 +243,10 @@ def test_cli_unwritable_output(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
 def test_cli_refuses_unsupported_source(tmp_path: Path) -> None:
     src = tmp_path / "model"
     src.mkdir()
-    (src / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    (src / "config.json").write_text(json.dumps({"architectures": ["FalconForCausalLM"], "model_type": "falcon"}))
     proc = kiln("imatrix", src, "-o", tmp_path / "i.dat", "--ctx", CTX)
     one_line_error(proc, "unknown architecture")
+    (src / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    proc = kiln("imatrix", src, "-o", tmp_path / "i.dat", "--ctx", CTX)
+    one_line_error(proc, "GPT-2 checkpoint", "imatrix supports")
     assert not (tmp_path / "i.dat").exists()

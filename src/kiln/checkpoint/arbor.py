@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from kiln.checkpoint.gpt2 import LAYER_SHAPES, Gpt2Checkpoint, is_nanogpt, read_tokenizer_for, tokenizer_dir_for
+from kiln.checkpoint.gpt2 import (LAYER_SHAPES, Gpt2Checkpoint, gpt2_config, is_nanogpt, read_tokenizer_for,
+                                 tokenizer_dir_for)
 from kiln.checkpoint.tensors import find_weight_files, open_pickle, open_safetensors, torch_load_weights
 from kiln.errors import KilnError
 from kiln.jsonfile import read_json_object
@@ -387,30 +388,10 @@ def to_gpt2(spec: ArborSpec, tensors: dict[str, np.ndarray]) -> tuple[dict[str, 
             state[f"transformer.h.{i}.{gpt2}"] = np.ascontiguousarray(value.T) if transpose else value
     if not spec.tied:
         state["lm_head.weight"] = tensors[LM_HEAD]
-    config = {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": spec.vocab,
-        "n_positions": spec.max_positions,
-        "n_ctx": spec.max_positions,  # llama.cpp's convert_hf_to_gguf reads this key
-        "n_embd": spec.hidden,
-        "n_layer": spec.n_layers,
-        "n_head": spec.n_heads,
-        "n_inner": spec.ffn_max,
-        "activation_function": ACTIVATIONS[spec.activation],
-        "layer_norm_epsilon": spec.ln_eps,
-        "resid_pdrop": 0.0,
-        "embd_pdrop": 0.0,
-        "attn_pdrop": 0.0,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": spec.tied,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "torch_dtype": "float32",
-        "arbor_ffn_widths": list(spec.ffn_widths),
-    }
+    config = gpt2_config(vocab=spec.vocab, positions=spec.max_positions, hidden=spec.hidden, layers=spec.n_layers,
+                         heads=spec.n_heads, inner=spec.ffn_max, activation=ACTIVATIONS[spec.activation],
+                         eps=spec.ln_eps, tied=spec.tied)
+    config["arbor_ffn_widths"] = list(spec.ffn_widths)
     return config, state
 
 
