@@ -1,7 +1,8 @@
 """Refactoring never changes an artifact: every fixture's exports, pinned by sha256.
 
 The exports of every fixture (kiln's fixtures and the native and Llama-style Arbor ones) as
-f32 / q8_0 / q4_k_m GGUF and fp32 / int4 ONNX (GPT-2 shaped ones: fp32 only, kiln's own GPT-2 graph) must
+f32 / q8_0 / q4_k_m GGUF and fp32 / int4 ONNX (GPT-2 shaped ones: fp32 only, kiln's own GPT-2 graph; the
+mixture-of-experts families: none, onnxruntime-genai's builder has no graph for them) must
 hash to the values in tests/artifact_pins.json, written by this test's own code. Exports are
 deterministic (same input and options, same bytes, wherever they are written), so a change of any
 pin is a change of the artifacts: deliberate ones (a new GGUF key, a fixed graph) update the file
@@ -32,6 +33,16 @@ GGUF_TYPES = ("f32", "q8_0", "q4_k_m")
 ONNX_PRECISIONS = ("fp32", "int4")
 
 
+def _onnx_precisions(family) -> tuple[str, ...]:
+    """The pinned ONNX precisions a family exports: those it declares (kiln's own GPT-2 graph: fp32 only),
+    every one through onnxruntime-genai's builder, none where neither writes its graph (the MoE families)."""
+    if family is None:
+        return ONNX_PRECISIONS
+    if family.onnx_precisions is not None:
+        return tuple(p for p in ONNX_PRECISIONS if p in family.onnx_precisions)
+    return ONNX_PRECISIONS
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -50,10 +61,7 @@ def exported(tmp_path_factory) -> dict[str, str]:
             out = root / f"{name}.{quant}.gguf"
             export_gguf_artifact(src, out, quant, verify=False, **kwargs)
             hashes[out.name] = _sha(out)
-        for precision in ONNX_PRECISIONS:
-            family = families.for_source(src)
-            if family is not None and family.layout == "gpt2" and precision != "fp32":
-                continue  # kiln's own GPT-2 graph is fp32 only
+        for precision in _onnx_precisions(families.for_source(src)):
             out = root / f"{name}-{precision}"
             export_onnx_artifact(src, out, precision, verify=False, **kwargs)
             for f in sorted(out.iterdir()):

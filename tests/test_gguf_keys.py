@@ -5,8 +5,9 @@ gguf-py) must get the same answer from kiln's file as from the converter's. A ke
 llama.cpp fall back to its own default (for BOS that is token 11 in a BPE vocabulary: the wrong token),
 and a key present with another value is as bad. So this compares key sets and the values of every
 shared key (scalars and the tokens / merges / token_type arrays alike), plus the tensors, on every
-fixture and on copies that state what real checkpoints state: Qwen's `"bos_token": null` with a
-`bos_token_id` in config.json, Llama with and without `head_dim`, Mistral, yarn and linear rope.
+fixture (the mixture-of-experts ones included: expert keys, stacked expert tensors) and on copies that
+state what real checkpoints state: Qwen's `"bos_token": null` with a `bos_token_id` in config.json, Llama
+with and without `head_dim`, Mistral, yarn and linear rope.
 The keys kiln deliberately adds, leaves out or writes differently are listed below with the reason.
 
 The converter is llama-cpp-python 0.3.36's (kiln.fixtures.llama_converter), run unmodified except
@@ -78,6 +79,9 @@ CASES = (
     Case("tiny-qwen3", "tiny-qwen3"),
     Case("tiny-llama", "tiny-llama"),
     Case("smollm2-135m", "smollm2-135m"),
+    # Mixtures of experts: the expert keys, the experts stacked into one tensor per kind, routers in F32.
+    Case("tiny-qwen2-moe", "tiny-qwen2-moe"),
+    Case("tiny-qwen3-moe", "tiny-qwen3-moe"),
     # Real Qwen2/2.5/3 checkpoints: "bos_token": null in tokenizer_config.json, bos_token_id (<|endoftext|>)
     # in config.json. The converter falls back to config.json; so must kiln.
     Case("qwen2-bos-from-config", "tiny-qwen2", {"bos_token_id": "<|endoftext|>"}),
@@ -152,7 +156,7 @@ def _fields(path: Path) -> dict[str, Any]:
 def _deliberate(case: Case, arch: str, src: Path) -> tuple[dict[str, str], dict[str, str]]:
     """(keys only kiln writes, shared keys whose values differ): key -> why, for this case."""
     adds = {"tokenizer.ggml.eot_token_id": EOT_WHY}
-    if arch in ("qwen2", "qwen3"):
+    if arch in ("qwen2", "qwen3", "qwen2moe", "qwen3moe"):
         adds[f"{arch}.vocab_size"] = adds[f"{arch}.rope.dimension_count"] = QWEN_DIMS_WHY
     if (src / "LICENSE").is_file():
         adds["general.license"] = LICENSE_WHY

@@ -207,8 +207,12 @@ def _refuse_early(src: str | Path, *, rope: bool, precision: str | None = None) 
         return
     if rope and not family.rotary:
         raise KilnError(f"{src}: {family.description} has absolute positions, no RoPE to scale")
-    if precision is not None and family.onnx_precisions is not None and precision not in family.onnx_precisions:
-        raise KilnError(f"{src}: {family.description} exports to ONNX at {'/'.join(family.onnx_precisions)} only "
+    allowed = family.onnx_precisions
+    if precision is not None and allowed is not None and precision not in allowed:
+        if not allowed:
+            raise KilnError(f"{src}: {family.description} has no ONNX export (onnxruntime-genai's builder does not "
+                            "take the family, and kiln writes no graph of its own for it)")
+        raise KilnError(f"{src}: {family.description} exports to ONNX at {'/'.join(allowed)} only "
                         "(kiln writes that graph itself; onnxruntime-genai's builder does not take the family)")
 
 

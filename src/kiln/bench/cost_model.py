@@ -45,7 +45,7 @@ RUNTIME_BASE = {"gguf": 46 * MIB, "onnx": 46 * MIB}
 @dataclass
 class Tensor:
     name: str
-    category: str  # token_embd, output, attn_q/k/v/output, ffn_gate/up/down, norm, bias, pos_embd
+    category: str  # token_embd, output, attn_q/k/v/output, ffn_gate/up/down, norm, bias, pos_embd, router
     layer: int | None
     ne0: int  # row length (input features): what the block size must divide
     rows: int
@@ -70,7 +70,7 @@ def _more_bits(i: int, n: int) -> bool:
 
 def tensor_type(t: Tensor, ftype: str, n_layers: int, tied: bool) -> str:
     """The ggml type llama.cpp's quantizer gives tensor `t` for `ftype` (the subset of rules kiln plans with)."""
-    if t.category in ("norm", "bias", "pos_embd"):
+    if t.category in ("norm", "bias", "pos_embd", "router"):  # routers: llama.cpp's quantizer leaves them f32
         return "f32"
     default = FTYPE_DEFAULT[ftype]
     if default in ("f16", "bf16", "f32"):

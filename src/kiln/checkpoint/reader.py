@@ -65,12 +65,16 @@ def read_spec(
 
 
 def check_tensors(spec: ModelSpec, tensors: TensorSource) -> None:
-    for name, shape in families.of(spec).expected_tensors(spec).items():
+    """Every tensor the family's table needs is there with the shape config.json implies (a mixture of
+    experts' per-expert tensors, or its fused ones, are named with their layer and expert)."""
+    for name, shape, what in families.of(spec).sources(spec, tensors.names()):
+        where = f"{what}: " if what else ""
         if name not in tensors:
-            raise KilnError(f"{spec.source}: tensor {name} is missing from the weights")
+            raise KilnError(f"{spec.source}: {where}tensor {name} is missing from the weights")
         actual = tensors.shape(name)
         if tuple(actual) != tuple(shape):
-            raise KilnError(f"{spec.source}: tensor {name} has shape {list(actual)}, config.json implies {list(shape)}")
+            raise KilnError(f"{spec.source}: {where}tensor {name} has shape {list(actual)}, "
+                            f"config.json implies {list(shape)}")
 
 
 def load_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:

@@ -66,6 +66,23 @@ class ModelSpec:
     name: str
     license: str | None = None
     config: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Mixture of experts (n_experts 0: a dense decoder). Every layer routes each token to n_experts_used
+    # of n_experts SwiGLU experts of width expert_ff (plus, where shared_expert_ff > 0, one shared expert
+    # under a sigmoid gate); the families refuse configs with dense layers mixed in.
+    n_experts: int = 0
+    n_experts_used: int = 0
+    expert_ff: int = 0  # one expert's FFN width (moe_intermediate_size)
+    shared_expert_ff: int = 0  # the shared expert's FFN width (shared_expert_intermediate_size); 0: none
+    norm_topk_prob: bool = False  # the top-k routing weights are renormalised to sum to 1
+
+    @property
+    def shared_expert(self) -> bool:
+        return self.shared_expert_ff > 0
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one expert summed over the layers (gguf-py's `expert_params`, for the size label)."""
+        return self.n_layers * 3 * self.hidden_size * self.expert_ff if self.n_experts else 0
 
     @property
     def n_params(self) -> int:
@@ -78,7 +95,13 @@ class ModelSpec:
             attn += q + 2 * kv
         if self.qk_norm:
             attn += 2 * self.head_dim
-        layer = attn + 3 * h * f + 2 * h
+        if self.n_experts:
+            mlp = self.n_experts * (3 * h * self.expert_ff + h)  # experts and the router
+            if self.shared_expert:
+                mlp += 3 * h * self.shared_expert_ff + h  # the shared expert and its gate
+        else:
+            mlp = 3 * h * f
+        layer = attn + mlp + 2 * h
         total = self.n_layers * layer + v * h + h
         if not self.tie_embeddings:
             total += v * h

@@ -43,13 +43,14 @@ class GGUFStats:
     n_elements: int
 
 
-def _planned(ckpt: Checkpoint, rope: RopeSettings) -> Iterator[tuple[str, str | None, tuple[int, ...]]]:
-    """(gguf name, hf name or None for generated tensors, numpy shape) in write order."""
+def _planned(ckpt: Checkpoint, rope: RopeSettings) -> Iterator[tuple[str, str | None, tuple[int, ...], bool]]:
+    """(gguf name, hf name or None for generated tensors, numpy shape, kept float32) in write order.
+    A mixture of experts' stacked tensors have the expert count in front (families.base.TensorRow)."""
     spec = ckpt.spec
     if rope.type == "llama3":
-        yield "rope_freqs.weight", None, (spec.head_dim // 2,)
-    for hf, gguf, shape, _ in families.of(spec).tensors(spec):
-        yield gguf, hf, shape
+        yield "rope_freqs.weight", None, (spec.head_dim // 2,), True
+    for hf, gguf, shape, row in families.of(spec).tensors(spec):
+        yield gguf, hf, shape, row.f32
 
 
 def _convert(arr: np.ndarray, qtype: Q) -> np.ndarray:
@@ -61,8 +62,8 @@ def _convert(arr: np.ndarray, qtype: Q) -> np.ndarray:
     return np.ascontiguousarray(quantize(arr, qtype)).view(np.uint8)
 
 
-def _tensor_qtype(shape: tuple[int, ...], qtype: Q) -> Q:
-    return Q.F32 if len(shape) == 1 else qtype
+def _tensor_qtype(shape: tuple[int, ...], qtype: Q, f32: bool = False) -> Q:
+    return Q.F32 if len(shape) == 1 or f32 else qtype
 
 
 def _byte_shape(shape: tuple[int, ...], qtype: Q) -> tuple[int, ...]:
@@ -137,19 +138,19 @@ def write_direct_gguf(ckpt: Checkpoint, dest: Path, qtype: Q, file_type: int, ro
     write_hparams(w, spec, rope, file_type)
     write_tokenizer(w, spec)
     plan = list(_planned(ckpt, rope))
-    for name, hf, shape in plan:
+    for name, hf, shape, f32 in plan:
         if hf in blocks:
             t = blocks[hf]
             block, nbytes = GGML_QUANT_SIZES[t]
             byte_shape = (*shape[:-1], shape[-1] // block * nbytes)
         else:
-            t = _tensor_qtype(shape, qtype)
+            t = _tensor_qtype(shape, qtype, f32)
             byte_shape = _byte_shape(shape, t)
         w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for i, (name, hf, shape) in enumerate(plan):
+    for i, (name, hf, shape, f32) in enumerate(plan):
         if hf in blocks:
             raw = gguf_blocks(ckpt.tensors.linear(hf[: -len(".weight")]), blocks[hf])
             w.write_tensor_data(family.to_gguf(hf, raw, spec))
@@ -159,10 +160,12 @@ def write_direct_gguf(ckpt: Checkpoint, dest: Path, qtype: Q, file_type: int, ro
         if hf is None:
             arr = llama3_rope_factors(spec, rope)
         else:
-            arr = family.to_gguf(hf, ckpt.tensors.load(hf), spec)
+            arr = family.to_gguf(hf, family.load_tensor(ckpt.tensors, hf, spec), spec)
         if not np.isfinite(arr).all():
+            if hf is not None and "{e}" in hf:  # stacked experts: name the first expert at fault
+                hf = hf.format(e=int(np.argmin(np.isfinite(arr).reshape(arr.shape[0], -1).all(axis=1))))
             raise KilnError(f"{spec.source}: tensor {hf} contains NaN or infinite values")
-        w.write_tensor_data(_convert(arr, _tensor_qtype(shape, qtype)))
+        w.write_tensor_data(_convert(arr, _tensor_qtype(shape, qtype, f32)))
         if progress:
             progress("convert", i + 1, len(plan))
     w.close()

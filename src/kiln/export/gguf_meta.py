@@ -42,8 +42,13 @@ def license_id(text: str | None) -> str | None:
 def write_hparams(w: GGUFWriter, spec: ModelSpec, rope: RopeSettings, file_type: int) -> None:
     w.add_name(spec.name)
     w.add_type("model")
-    # The converter's size class ("135M"), from the parameter count both files hold.
-    w.add_size_label(size_label(spec.n_params, spec.n_params, 0, 0))
+    # The converter's size class ("135M"; "4x1.2M" for a mixture of experts: gguf-py counts one expert's
+    # share of every stacked tensor beside the rest), from the parameter count both files hold.
+    if spec.n_experts:
+        shared = spec.n_params - spec.n_experts * spec.expert_params
+        w.add_size_label(size_label(spec.n_params, shared, spec.expert_params, spec.n_experts))
+    else:
+        w.add_size_label(size_label(spec.n_params, spec.n_params, 0, 0))
     lic = license_id(spec.license)
     if lic:
         w.add_license(lic)
@@ -64,6 +69,12 @@ def write_hparams(w: GGUFWriter, spec: ModelSpec, rope: RopeSettings, file_type:
         w.add_key_length(spec.head_dim)
         w.add_value_length(spec.head_dim)
     w.add_vocab_size(spec.vocab_size)
+    if spec.n_experts:  # the converter's keys for a mixture of experts (its shared expert's only where it has one)
+        w.add_expert_count(spec.n_experts)
+        w.add_expert_used_count(spec.n_experts_used)
+        w.add_expert_feed_forward_length(spec.expert_ff)
+        if spec.shared_expert:
+            w.add_expert_shared_feed_forward_length(spec.shared_expert_ff)
     write_rope(w, rope)
     w.add_file_type(file_type)
     w.add_quantization_version(2)

@@ -14,7 +14,7 @@ Llama's q/k row permutation for llama.cpp's NORM-style rope).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,6 +34,14 @@ class TensorRow:
     `hf` and `gguf` are suffixes under `model.layers.N.` / `blk.N.` for a per-layer row, full names
     for a global one. `when` names a boolean `ModelSpec` attribute the row depends on. `permute`
     names the head count whose rows llama.cpp wants interleaved ("n_heads" / "n_kv_heads").
+
+    A *stacked* row (mixture-of-experts weights) sets `experts`, the `ModelSpec` attribute holding the
+    expert count: `hf` then holds "{e}" where the expert index goes, `shape` is one expert's, and the
+    GGUF tensor is the experts' tensors stacked on a new first axis (llama.cpp's converter:
+    torch.stack(dim=0)). `fused` names the other layout a checkpoint may hold them in, one
+    [experts, parts x rows, columns] tensor: (its suffix, this row's part, parts), e.g. the gate
+    half of transformers 5's `mlp.experts.gate_up_proj`. `f32` keeps the tensor float32 at every GGUF
+    type, as the converter does for routers and llama.cpp's quantizer leaves them.
     """
 
     hf: str
@@ -41,6 +49,9 @@ class TensorRow:
     shape: Callable[[ModelSpec], tuple[int, ...]]
     when: str | None = None
     permute: str | None = None
+    experts: str | None = None
+    fused: tuple[str, int, int] | None = None
+    f32: bool = False
 
 
 def _q(s: ModelSpec) -> int:
@@ -220,19 +231,95 @@ class Family:
         return bool(getattr(spec, row.when))
 
     @classmethod
+    def _shape(cls, row: TensorRow, spec: ModelSpec) -> tuple[int, ...]:
+        """The row's tensor as written: a stacked row's shape has the expert count in front."""
+        one = row.shape(spec)
+        return (getattr(spec, row.experts), *one) if row.experts else one
+
+    @classmethod
     def tensors(cls, spec: ModelSpec) -> list[tuple[str, str, tuple[int, ...], TensorRow]]:
-        """(HF name, GGUF name, HF shape, row) of every tensor the checkpoint holds, in write order."""
-        out = [(r.hf, r.gguf, r.shape(spec), r) for r in cls.head_rows if cls._applies(r, spec)]
+        """(HF name, GGUF name, shape, row) of every tensor the GGUF holds, in write order. For a stacked
+        row the HF name keeps its "{e}" (`sources` names the checkpoint's tensors) and the shape is the
+        stack's."""
+        out = [(r.hf, r.gguf, cls._shape(r, spec), r) for r in cls.head_rows if cls._applies(r, spec)]
         for i in range(spec.n_layers):
-            out += [(f"model.layers.{i}.{r.hf}", f"blk.{i}.{r.gguf}", r.shape(spec), r)
+            out += [(f"model.layers.{i}.{r.hf}", f"blk.{i}.{r.gguf}", cls._shape(r, spec), r)
                     for r in cls.layer_rows if cls._applies(r, spec)]
-        out += [(r.hf, r.gguf, r.shape(spec), r) for r in cls.tail_rows if cls._applies(r, spec)]
+        out += [(r.hf, r.gguf, cls._shape(r, spec), r) for r in cls.tail_rows if cls._applies(r, spec)]
+        return out
+
+    @classmethod
+    def _fused_name(cls, hf: str, row: TensorRow) -> str | None:
+        """The fused tensor a stacked row's HF name (with "{e}") is part of, in the same layer."""
+        return None if row.fused is None else hf[: len(hf) - len(row.hf)] + row.fused[0]
+
+    @classmethod
+    def sources(cls, spec: ModelSpec, names: Collection[str] = ()) -> list[tuple[str, tuple[int, ...], str]]:
+        """(HF tensor name, shape, what it is) of every tensor the checkpoint must hold, in write order.
+
+        A stacked row needs one tensor per expert ("layer 3, expert 7"), or, when the checkpoint (`names`)
+        holds its fused tensor and not the first expert's, that fused tensor (once for all its parts).
+        """
+        names = set(names)
+        out: list[tuple[str, tuple[int, ...], str]] = []
+        seen: set[str] = set()
+        for hf, _, shape, row in cls.tensors(spec):
+            if not row.experts:
+                out.append((hf, shape, ""))
+                continue
+            layer = hf.split(".")[2]
+            fused = cls._fused_name(hf, row)
+            if fused is not None and fused in names and hf.format(e=0) not in names:
+                if fused not in seen:
+                    seen.add(fused)
+                    parts = row.fused[2]
+                    out.append((fused, (shape[0], parts * shape[1], *shape[2:]), f"layer {layer}"))
+                continue
+            out += [(hf.format(e=e), shape[1:], f"layer {layer}, expert {e}") for e in range(shape[0])]
         return out
 
     @classmethod
     def expected_tensors(cls, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         """HF tensor name -> shape, checked before any export (a wrong shape fails with its name)."""
-        return {hf: shape for hf, _, shape, _ in cls.tensors(spec)}
+        return {hf: shape for hf, shape, _ in cls.sources(spec)}
+
+    @classmethod
+    def load_tensor(cls, tensors: Any, hf: str, spec: ModelSpec) -> np.ndarray:
+        """The float32 tensor `hf` (a `tensors()` name) from a checkpoint's tensors (kiln.checkpoint's
+        TensorSource): a stacked row's experts stacked, or its part of the fused tensor."""
+        row = cls._row(hf)
+        if row is None or not row.experts:
+            return tensors.load(hf)
+        n = int(getattr(spec, row.experts))
+        fused = cls._fused_name(hf, row)
+        if fused is not None and fused in tensors and hf.format(e=0) not in tensors:
+            _, part, parts = row.fused
+            w = tensors.load(fused)
+            rows = w.shape[1] // parts
+            return np.ascontiguousarray(w[:, part * rows:(part + 1) * rows])
+        out = np.empty((n, *tensors.shape(hf.format(e=0))), np.float32)  # one stack in memory, not two
+        for e in range(n):
+            out[e] = tensors.load(hf.format(e=e))
+        return out
+
+    @classmethod
+    def hf_targets(cls, hf: str, w: np.ndarray, names: Collection[str]) -> list[tuple[str, Any, np.ndarray]]:
+        """Where a tensor read back from a GGUF (in HF layout: `from_gguf`) goes in a model whose parameter
+        names are `names`: [(parameter, index into it or None for all of it, values)]. A stacked row goes
+        to its per-expert parameters, or to its part of the fused one (transformers 5 holds experts fused);
+        [] for a tensor the model does not hold."""
+        row = cls._row(hf)
+        if row is None or not row.experts:
+            return [(hf, None, w)] if hf in names else []
+        per = [hf.format(e=e) for e in range(w.shape[0])]
+        if all(p in names for p in per):
+            return [(p, None, w[e]) for e, p in enumerate(per)]
+        fused = cls._fused_name(hf, row)
+        if fused is not None and fused in names:
+            _, part, _ = row.fused
+            rows = w.shape[1]
+            return [(fused, (slice(None), slice(part * rows, (part + 1) * rows)), w)]
+        raise KilnError(f"{hf}: the model holds neither its per-expert tensors nor {fused or 'a fused tensor'}")
 
     @classmethod
     def gguf_name(cls, hf_name: str) -> str:

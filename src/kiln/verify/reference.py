@@ -114,10 +114,13 @@ def with_gguf_weights(ref: Reference, gguf: str | Path, n_heads: int, n_kv_heads
     with torch.no_grad():
         for t in g.tensors:
             name = family.hf_name(t.name)
-            if name is None or name not in params:
+            if name is None:
                 continue
             w = family.from_gguf(name, g.dequantize(t), n_heads, n_kv_heads)
-            params[name].copy_(torch.from_numpy(w.copy()))
+            # A mixture of experts' stacked tensor goes back to its experts (per-expert or fused parameters).
+            for target, index, part in family.hf_targets(name, w, params):
+                dest = params[target] if index is None else params[target][index]
+                dest.copy_(torch.from_numpy(np.array(part)))
     if tied_head is False and "lm_head.weight" in params and g.tensor("output.weight") is None:
         with torch.no_grad():
             params["lm_head.weight"].copy_(params["model.embed_tokens.weight"])
