@@ -72,6 +72,7 @@ class Case:
     config: dict[str, Any] | None = None  # keys set in a copy's config.json (None value: removed)
     rope: str = "none"
     tokenizer_config: dict[str, Any] | None = None  # keys set in a copy's tokenizer_config.json
+    converter_args: tuple[str, ...] = ()  # extra arguments to convert_hf_to_gguf.py
 
 
 CASES = (
@@ -82,6 +83,10 @@ CASES = (
     # Mixtures of experts: the expert keys, the experts stacked into one tensor per kind, routers in F32.
     Case("tiny-qwen2-moe", "tiny-qwen2-moe"),
     Case("tiny-qwen3-moe", "tiny-qwen3-moe"),
+    # Qwen3.5's Gated DeltaNet hybrid: ssm_* keys, recurrent layer flags, partial rotary with MRoPE sections,
+    # the converter's row transforms (-exp(A_log), 1 + w norms, squeezed conv, value heads tiled). kiln writes
+    # no multi-token prediction head; transformers saves none, and the converter then needs --no-mtp.
+    Case("tiny-qwen3_5", "tiny-qwen3_5", converter_args=("--no-mtp",)),
     # Real Qwen2/2.5/3 checkpoints: "bos_token": null in tokenizer_config.json, bos_token_id (<|endoftext|>)
     # in config.json. The converter falls back to config.json; so must kiln.
     Case("qwen2-bos-from-config", "tiny-qwen2", {"bos_token_id": "<|endoftext|>"}),
@@ -142,7 +147,7 @@ def pairs(tmp_path_factory) -> dict[str, tuple[Path, Path, Path]]:
         export_gguf_artifact(src, kiln_out, "f32", verify=False)
         # The real SmolLM2 vocabulary is in the converter's table: let it find the name itself.
         pre = None if case.fixture == "smollm2-135m" else LLAMA_CPP_PRE[case.fixture]
-        jobs.append((src, conv_out, pre))
+        jobs.append((src, conv_out, pre, case.converter_args))
         out[case.name] = (src, kiln_out, conv_out)
     convert_many(jobs, "f32")
     return out
@@ -158,6 +163,8 @@ def _deliberate(case: Case, arch: str, src: Path) -> tuple[dict[str, str], dict[
     adds = {"tokenizer.ggml.eot_token_id": EOT_WHY}
     if arch in ("qwen2", "qwen3", "qwen2moe", "qwen3moe"):
         adds[f"{arch}.vocab_size"] = adds[f"{arch}.rope.dimension_count"] = QWEN_DIMS_WHY
+    if arch == "qwen35":  # the converter writes its (partial) rope.dimension_count itself
+        adds[f"{arch}.vocab_size"] = QWEN_DIMS_WHY
     if (src / "LICENSE").is_file():
         adds["general.license"] = LICENSE_WHY
     if case.rope == "linear":

@@ -46,9 +46,14 @@ def float_model(source: str | Path, rope: RopeSettings | None = None, dtype: str
     hf_logging.disable_progress_bar()
     config = transformers_config(source, AutoConfig)
     if rope is not None:
-        theta = _rope_theta(config)
-        config.rope_parameters = rope.hf_rope_parameters(theta)
-        config.max_position_embeddings = max(int(rope.context_length or 0), config.max_position_embeddings)
+        # A multimodal wrapper's (Qwen3_5ForConditionalGeneration) rope lives in its text config.
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        theta = _rope_theta(text)
+        # Keep what the scaling does not decide (Qwen3.5's partial_rotary_factor and MRoPE sections).
+        kept = {k: v for k, v in (getattr(text, "rope_parameters", None) or {}).items()
+                if k in ("partial_rotary_factor", "mrope_section", "mrope_interleaved")}
+        text.rope_parameters = {**kept, **rope.hf_rope_parameters(theta)}
+        text.max_position_embeddings = max(int(rope.context_length or 0), text.max_position_embeddings)
     if getattr(config, "quantization_config", None):
         model = _dequantized_model(source, config, getattr(torch, dtype))
     else:

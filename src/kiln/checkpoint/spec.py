@@ -74,6 +74,26 @@ class ModelSpec:
     expert_ff: int = 0  # one expert's FFN width (moe_intermediate_size)
     shared_expert_ff: int = 0  # the shared expert's FFN width (shared_expert_intermediate_size); 0: none
     norm_topk_prob: bool = False  # the top-k routing weights are renormalised to sum to 1
+    # Hybrid decoders (Qwen3.5): each layer's kind ("linear_attention" / "full_attention", transformers'
+    # `layer_types`); empty: every layer is the family's one kind. A TensorRow with `layers` set applies only
+    # to layers of that kind.
+    layer_types: tuple[str, ...] = ()
+    # Gated DeltaNet (linear attention) dimensions; 0 where the model has none.
+    linear_conv_kernel: int = 0
+    linear_k_heads: int = 0
+    linear_v_heads: int = 0
+    linear_k_dim: int = 0  # one key head's width (the recurrent state's size per head)
+    linear_v_dim: int = 0  # one value head's width
+    full_attention_interval: int = 0
+    rope_dim: int = 0  # rotated dimensions of a head (partial rotary); 0: all of head_dim
+    rope_sections: tuple[int, ...] = ()  # MRoPE sections in frequency pairs (GGUF rope.dimension_sections)
+    # The parameter count when the dense-decoder formula below does not describe the model (the family
+    # counts its tensor table); 0: use the formula.
+    param_count: int = 0
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.rope_dim or self.head_dim
 
     @property
     def shared_expert(self) -> bool:
@@ -87,6 +107,8 @@ class ModelSpec:
     @property
     def n_params(self) -> int:
         """Parameter count from the dimensions (tied embeddings counted once)."""
+        if self.param_count:
+            return self.param_count
         h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         q = self.n_heads * self.head_dim
         kv = self.n_kv_heads * self.head_dim

@@ -200,6 +200,7 @@ def export_gguf(ckpt: Checkpoint, out: str | os.PathLike[str], quant: QuantType,
     blocks, notes = gptq_plan(ckpt, quant)
     if warnings is not None:
         warnings.extend(notes)
+        warnings.extend(families.of(ckpt.spec).export_warnings(ckpt.spec, ckpt.tensors.names()))
     return write_gguf_atomic(
         Path(out), quant,
         lambda dest, qtype, ftype: write_direct_gguf(ckpt, dest, qtype, ftype, rope, progress, blocks),

@@ -60,7 +60,9 @@ def write_hparams(w: GGUFWriter, spec: ModelSpec, rope: RopeSettings, file_type:
     w.add_head_count_kv(spec.n_kv_heads)
     w.add_layer_norm_rms_eps(spec.rms_norm_eps)
     w.add_rope_freq_base(spec.rope_theta)
-    w.add_rope_dimension_count(spec.head_dim)
+    w.add_rope_dimension_count(spec.rotary_dim)  # partial rotary (Qwen3.5): the rotated dimensions only
+    if spec.rope_sections:  # MRoPE (Qwen3.5, interleaved): llama.cpp's qwen35 loader requires the sections
+        w.add_rope_dimension_sections(list(spec.rope_sections))
     # Where the converter writes them: it reads config.json through transformers' AutoConfig, whose
     # Llama/Mistral and Qwen3 configs always define head_dim (Qwen2's only when config.json states it).
     # And whenever head_dim is not hidden/heads, llama.cpp's default.
@@ -75,9 +77,25 @@ def write_hparams(w: GGUFWriter, spec: ModelSpec, rope: RopeSettings, file_type:
         w.add_expert_feed_forward_length(spec.expert_ff)
         if spec.shared_expert:
             w.add_expert_shared_feed_forward_length(spec.shared_expert_ff)
+    if spec.layer_types and spec.linear_v_heads:  # a Gated DeltaNet hybrid: the converter's ssm_* keys
+        write_linear_attention(w, spec)
     write_rope(w, rope)
     w.add_file_type(file_type)
     w.add_quantization_version(2)
+
+
+def write_linear_attention(w: GGUFWriter, spec: ModelSpec) -> None:
+    """Qwen3.5's Gated DeltaNet keys as llama.cpp's converter writes them (Qwen3NextModel): the conv kernel,
+    the state size (a key head's width), key heads as groups, value heads as the time-step rank, the value
+    width, which layers are recurrent, and the full-attention interval."""
+    w.add_ssm_conv_kernel(spec.linear_conv_kernel)
+    w.add_ssm_state_size(spec.linear_k_dim)
+    w.add_ssm_group_count(spec.linear_k_heads)
+    w.add_ssm_time_step_rank(spec.linear_v_heads)
+    w.add_ssm_inner_size(spec.linear_v_dim * spec.linear_v_heads)
+    # Not in gguf 0.19.0's writer; the key and type of the bundled gguf-py's add_recurrent_layers.
+    w.add_array(f"{w.arch}.attention.recurrent_layers", [t == "linear_attention" for t in spec.layer_types])
+    w.add_full_attention_interval(spec.full_attention_interval)
 
 
 def write_rope(w: GGUFWriter, rope: RopeSettings) -> None:

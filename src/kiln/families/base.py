@@ -42,6 +42,13 @@ class TensorRow:
     [experts, parts x rows, columns] tensor: (its suffix, this row's part, parts), e.g. the gate
     half of transformers 5's `mlp.experts.gate_up_proj`. `f32` keeps the tensor float32 at every GGUF
     type, as the converter does for routers and llama.cpp's quantizer leaves them.
+
+    A hybrid decoder (Qwen3.5) sets `layers` on the rows of one layer kind: the row applies only to layers
+    whose `ModelSpec.layer_types` entry is that kind ("linear_attention", "full_attention"). `transform`
+    names the family's classmethod `transform_<name>(w, dims, inverse)` that turns the checkpoint's tensor
+    into the GGUF's (inverse=False) and back (inverse=True, for verification's dequantized model), where
+    `dims` is the family's `transform_dims` (from a ModelSpec, or from a GGUF header: the file describes
+    itself); `hf_shape` is the checkpoint tensor's shape where the transform changes it (a squeezed axis).
     """
 
     hf: str
@@ -52,6 +59,9 @@ class TensorRow:
     experts: str | None = None
     fused: tuple[str, int, int] | None = None
     f32: bool = False
+    layers: str | None = None
+    transform: str | None = None
+    hf_shape: Callable[[ModelSpec], tuple[int, ...]] | None = None
 
 
 def _q(s: ModelSpec) -> int:
@@ -231,6 +241,11 @@ class Family:
         return bool(getattr(spec, row.when))
 
     @classmethod
+    def _in_layer(cls, row: TensorRow, spec: ModelSpec, layer: int) -> bool:
+        """Whether a per-layer row applies to layer `layer` (a row for one layer kind: that kind's layers)."""
+        return row.layers is None or spec.layer_types[layer] == row.layers
+
+    @classmethod
     def _shape(cls, row: TensorRow, spec: ModelSpec) -> tuple[int, ...]:
         """The row's tensor as written: a stacked row's shape has the expert count in front."""
         one = row.shape(spec)
@@ -244,7 +259,7 @@ class Family:
         out = [(r.hf, r.gguf, cls._shape(r, spec), r) for r in cls.head_rows if cls._applies(r, spec)]
         for i in range(spec.n_layers):
             out += [(f"model.layers.{i}.{r.hf}", f"blk.{i}.{r.gguf}", cls._shape(r, spec), r)
-                    for r in cls.layer_rows if cls._applies(r, spec)]
+                    for r in cls.layer_rows if cls._applies(r, spec) and cls._in_layer(r, spec, i)]
         out += [(r.hf, r.gguf, cls._shape(r, spec), r) for r in cls.tail_rows if cls._applies(r, spec)]
         return out
 
@@ -265,7 +280,7 @@ class Family:
         seen: set[str] = set()
         for hf, _, shape, row in cls.tensors(spec):
             if not row.experts:
-                out.append((hf, shape, ""))
+                out.append((cls.checkpoint_name(hf, spec), row.hf_shape(spec) if row.hf_shape else shape, ""))
                 continue
             layer = hf.split(".")[2]
             fused = cls._fused_name(hf, row)
@@ -289,7 +304,7 @@ class Family:
         TensorSource): a stacked row's experts stacked, or its part of the fused tensor."""
         row = cls._row(hf)
         if row is None or not row.experts:
-            return tensors.load(hf)
+            return tensors.load(cls.checkpoint_name(hf, spec))
         n = int(getattr(spec, row.experts))
         fused = cls._fused_name(hf, row)
         if fused is not None and fused in tensors and hf.format(e=0) not in tensors:
@@ -301,6 +316,22 @@ class Family:
         for e in range(n):
             out[e] = tensors.load(hf.format(e=e))
         return out
+
+    @classmethod
+    def checkpoint_name(cls, hf: str, spec: ModelSpec) -> str:
+        """The name a `tensors()` HF name has in the checkpoint (a family with another published layout,
+        e.g. a multimodal wrapper's prefix, maps it here)."""
+        return hf
+
+    @classmethod
+    def export_warnings(cls, spec: ModelSpec, names: Collection[str]) -> list[str]:
+        """One line per part of the checkpoint (`names`: its tensors) the GGUF leaves out on purpose."""
+        return []
+
+    @classmethod
+    def transform_dims(cls, spec: ModelSpec | None = None, header: Any = None) -> dict[str, int]:
+        """What the family's row transforms need to know, from a ModelSpec or from a GGUF header."""
+        return {}
 
     @classmethod
     def hf_targets(cls, hf: str, w: np.ndarray, names: Collection[str]) -> list[tuple[str, Any, np.ndarray]]:
@@ -359,14 +390,20 @@ class Family:
         row = cls._row(hf_name)
         if cls.permute_qk and row is not None and row.permute:
             return permute_rows(w, getattr(spec, row.permute))
+        if row is not None and row.transform:
+            return getattr(cls, f"transform_{row.transform}")(w, cls.transform_dims(spec=spec), False)
         return w
 
     @classmethod
-    def from_gguf(cls, hf_name: str, w: np.ndarray, n_heads: int, n_kv_heads: int) -> np.ndarray:
-        """Inverse of `to_gguf` for a tensor read back from a GGUF (verification's dequantized model)."""
+    def from_gguf(cls, hf_name: str, w: np.ndarray, n_heads: int, n_kv_heads: int,
+                  header: Any = None) -> np.ndarray:
+        """Inverse of `to_gguf` for a tensor read back from a GGUF (verification's dequantized model);
+        `header` (kiln.gguf_header.GGUFFile) is the file a row transform reads its dimensions from."""
         row = cls._row(hf_name)
         if cls.permute_qk and row is not None and row.permute:
             return unpermute_rows(w, n_heads if row.permute == "n_heads" else n_kv_heads)
+        if row is not None and row.transform:
+            return getattr(cls, f"transform_{row.transform}")(w, cls.transform_dims(header=header), True)
         return w
 
     # ------------------------------------------------------------------ cost model

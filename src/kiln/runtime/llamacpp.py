@@ -60,10 +60,17 @@ class LlamaCppEngine(Engine):
         self.n_ctx_asked = int(cparams.n_ctx)  # llama.cpp rounds it up (to a multiple of 256): see context_text
         cparams.n_batch = n_batch
         cparams.n_ubatch = min(n_batch, 512)
+        # A recurrent or hybrid model (Qwen3.5's Gated DeltaNet layers) holds one state per sequence, which
+        # cannot be cut back to a shorter prefix: scoring and prefill run from a fresh sequence, and the
+        # prompt cache (prefix reuse) is off for such models (reusing recurrent state is later work).
+        self.recurrent = any(bool(getattr(lc, fn)(self._model)) for fn in ("llama_model_is_recurrent",
+                                                                         "llama_model_is_hybrid")
+                             if hasattr(lc, fn))
         # Cached prompts live in hidden sequence ids after the caller's (their cells are shared with
         # the sequences copied from them, so a prompt in use costs no extra cells). A split cache
         # would give every hidden id its own slice of n_ctx: only the unified one gets a cache.
-        self._slots = list(range(n_seq_max, min(n_seq_max + prompt_cache, _MAX_SEQ))) if kv_unified else []
+        cache_ok = kv_unified and not self.recurrent
+        self._slots = list(range(n_seq_max, min(n_seq_max + prompt_cache, _MAX_SEQ))) if cache_ok else []
         self._cached: dict[int, tuple[tuple[int, ...], np.ndarray]] = {}  # slot -> (prompt, last logits)
         self._lru: list[int] = []  # slots, least recently used first
         cparams.n_seq_max = n_seq_max + len(self._slots)
@@ -239,6 +246,11 @@ class LlamaCppEngine(Engine):
     def copy_seq(self, src: int, dst: int) -> None:
         if src == dst:
             return
+        if self.recurrent:
+            # llama.cpp's recurrent cells are not yet checked here against fresh prefills (as every other
+            # engine operation is): refuse rather than risk SMC weights computed on a wrong state.
+            raise KilnError(f"{self.path}: copying a sequence of a recurrent model (SMC particles, shared prompts) is "
+                            "not supported yet; generate with one particle")
         self._lc.llama_memory_seq_rm(self._mem, dst, -1, -1)
         self._lc.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
         self._pos[dst] = self._pos.get(src, 0)

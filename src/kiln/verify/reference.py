@@ -116,7 +116,7 @@ def with_gguf_weights(ref: Reference, gguf: str | Path, n_heads: int, n_kv_heads
             name = family.hf_name(t.name)
             if name is None:
                 continue
-            w = family.from_gguf(name, g.dequantize(t), n_heads, n_kv_heads)
+            w = family.from_gguf(name, g.dequantize(t), n_heads, n_kv_heads, header=g)
             # A mixture of experts' stacked tensor goes back to its experts (per-expert or fused parameters).
             for target, index, part in family.hf_targets(name, w, params):
                 dest = params[target] if index is None else params[target][index]

@@ -1,0 +1,278 @@
+"""Qwen3.5 (dense: Qwen3.5-0.8B/2B/4B/9B): Gated DeltaNet linear attention mixed with gated full attention.
+
+Layers are of two kinds (`layer_types` in the config): "linear_attention" (a Gated DeltaNet: a causal
+depthwise conv over q/k/v, then a gated delta-rule recurrence with one state per value head) and
+"full_attention" (Qwen3's attention with q/k norms, the query projection twice as wide: query and a sigmoid
+gate per head), usually three linear layers per full one. Rotary positions are partial (a quarter of each
+head) and interleaved MRoPE; for text every section sees the same position. RMSNorm weights are stored as
+w and applied as (1 + w), except the DeltaNet's gated output norm.
+
+The tensors go to llama.cpp's `qwen35` as its converter writes them (conversion/qwen.py, Qwen3_5TextModel):
+per-layer-kind rows (`TensorRow.layers`) and row transforms (`TensorRow.transform`): A_log -> -exp(A_log),
+the (1 + w) norms stored as 1 + w, the conv1d kernel squeezed to [channels, kernel], and the value heads
+reordered from grouped-by-key-head to tiled when there are more value heads than key heads (ggml broadcasts
+tiled). Published checkpoints are `Qwen3_5ForConditionalGeneration` (the text model under
+`model.language_model.`, a vision tower that the GGUF leaves out) or `Qwen3_5ForCausalLM`. The multi-token
+prediction head (`mtp.*`), which the converter writes by default, is not written (its `--no-mtp` output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from kiln.checkpoint.spec import ModelSpec
+from kiln.errors import KilnError
+from kiln.families.base import DECODER_HEAD, DECODER_TAIL, Family, TensorRow, _int
+from kiln.families.registry import register
+
+LINEAR = "linear_attention"
+FULL = "full_attention"
+LAYER_KINDS = (LINEAR, FULL)
+
+
+def _conv_dim(s: ModelSpec) -> int:
+    return 2 * s.linear_k_heads * s.linear_k_dim + s.linear_v_heads * s.linear_v_dim
+
+
+def _v(s: ModelSpec) -> int:
+    return s.linear_v_heads * s.linear_v_dim
+
+
+def _L(hf: str, gguf: str, shape, transform: str | None = None, **kw) -> TensorRow:
+    return TensorRow(hf, gguf, shape, layers=LINEAR, transform=transform, **kw)
+
+
+def _F(hf: str, gguf: str, shape, transform: str | None = None) -> TensorRow:
+    return TensorRow(hf, gguf, shape, layers=FULL, transform=transform)
+
+
+QWEN35_LAYER: tuple[TensorRow, ...] = (
+    TensorRow("input_layernorm.weight", "attn_norm.weight", lambda s: (s.hidden_size,), transform="plus_one"),
+    _L("linear_attn.A_log", "ssm_a", lambda s: (s.linear_v_heads,), "neg_exp"),
+    _L("linear_attn.conv1d.weight", "ssm_conv1d.weight", lambda s: (_conv_dim(s), s.linear_conv_kernel), "conv",
+       f32=True, hf_shape=lambda s: (_conv_dim(s), 1, s.linear_conv_kernel)),
+    _L("linear_attn.dt_bias", "ssm_dt.bias", lambda s: (s.linear_v_heads,), "v_heads"),
+    _L("linear_attn.in_proj_a.weight", "ssm_alpha.weight", lambda s: (s.linear_v_heads, s.hidden_size), "v_heads"),
+    _L("linear_attn.in_proj_b.weight", "ssm_beta.weight", lambda s: (s.linear_v_heads, s.hidden_size), "v_heads"),
+    _L("linear_attn.in_proj_qkv.weight", "attn_qkv.weight", lambda s: (_conv_dim(s), s.hidden_size), "qkv"),
+    _L("linear_attn.in_proj_z.weight", "attn_gate.weight", lambda s: (_v(s), s.hidden_size), "v_rows"),
+    _L("linear_attn.norm.weight", "ssm_norm.weight", lambda s: (s.linear_v_dim,)),
+    _L("linear_attn.out_proj.weight", "ssm_out.weight", lambda s: (s.hidden_size, _v(s)), "v_cols"),
+    TensorRow("mlp.down_proj.weight", "ffn_down.weight", lambda s: (s.hidden_size, s.intermediate_size)),
+    TensorRow("mlp.gate_proj.weight", "ffn_gate.weight", lambda s: (s.intermediate_size, s.hidden_size)),
+    TensorRow("mlp.up_proj.weight", "ffn_up.weight", lambda s: (s.intermediate_size, s.hidden_size)),
+    TensorRow("post_attention_layernorm.weight", "post_attention_norm.weight", lambda s: (s.hidden_size,),
+              transform="plus_one"),
+    _F("self_attn.k_norm.weight", "attn_k_norm.weight", lambda s: (s.head_dim,), "plus_one"),
+    _F("self_attn.k_proj.weight", "attn_k.weight", lambda s: (s.n_kv_heads * s.head_dim, s.hidden_size)),
+    _F("self_attn.o_proj.weight", "attn_output.weight", lambda s: (s.hidden_size, s.n_heads * s.head_dim)),
+    _F("self_attn.q_norm.weight", "attn_q_norm.weight", lambda s: (s.head_dim,), "plus_one"),
+    # query and its output gate, per head: twice the query width
+    _F("self_attn.q_proj.weight", "attn_q.weight", lambda s: (2 * s.n_heads * s.head_dim, s.hidden_size)),
+    _F("self_attn.v_proj.weight", "attn_v.weight", lambda s: (s.n_kv_heads * s.head_dim, s.hidden_size)),
+)
+QWEN35_TAIL: tuple[TensorRow, ...] = (
+    TensorRow("model.norm.weight", "output_norm.weight", lambda s: (s.hidden_size,), transform="plus_one"),
+    *(r for r in DECODER_TAIL if r.hf == "lm_head.weight"),
+)
+
+
+def _tiled(w: np.ndarray, axis: int, k_heads: int, per_k: int, head: int, inverse: bool) -> np.ndarray:
+    """Value heads grouped by key head [K0v0, K0v1, K1v0, ...] -> tiled [K0v0, K1v0, K0v1, ...] along `axis`
+    (llama.cpp's converter, _LinearAttentionVReorderBase._reorder_v_heads), or back."""
+    if per_k == 1:
+        return w
+    w = np.moveaxis(w, axis, 0)
+    rest = w.shape[1:]
+    src = (k_heads, per_k, head) if not inverse else (per_k, k_heads, head)
+    out = w.reshape(*src, *rest).swapaxes(0, 1).reshape(-1, *rest)
+    return np.ascontiguousarray(np.moveaxis(out, 0, axis))
+
+
+def _exp32(w: np.ndarray) -> np.ndarray:
+    """exp of a float32 tensor as torch computes it (the converter's torch.exp: its float32 exp is not
+    correctly rounded, and numpy's differs from it in the last bit), numpy's float64 one rounded without torch."""
+    try:
+        import torch
+    except ImportError:
+        return np.exp(w.astype(np.float64)).astype(np.float32)
+    return torch.exp(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))).numpy()
+
+
+@register
+class Qwen3_5(Family):
+    name = "qwen35"
+    description = "a Qwen3.5 checkpoint (Gated DeltaNet hybrid)"
+    architectures = ("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration")
+    qk_norm = True
+    gguf_head_dim_keys = True  # Qwen3_5TextConfig always defines head_dim (256 by default)
+    head_rows = DECODER_HEAD
+    layer_rows = QWEN35_LAYER
+    tail_rows = QWEN35_TAIL
+    onnx_builder = False  # onnxruntime-genai's builder has no Gated DeltaNet
+    onnx_precisions = ()
+    gptq_groups = None  # GPTQ / imatrix over the DeltaNet projections: later work
+    imatrix_hooks = None
+    # The published multimodal layout: the text model's tensors under this prefix instead of "model.".
+    multimodal_prefix: ClassVar[str] = "model.language_model."
+    default_mrope_section: ClassVar[tuple[int, ...]] = (11, 11, 10)  # transformers' and the converter's
+
+    @classmethod
+    def default_head_dim(cls, hidden: int, heads: int) -> int:
+        return 256  # Qwen3_5TextConfig's default
+
+    @classmethod
+    def text_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """The text model's config: config.json itself, or its `text_config` (Qwen3_5ForConditionalGeneration)."""
+        inner = config.get("text_config")
+        if not isinstance(inner, dict):
+            return config
+        merged = dict(inner)
+        if "tie_word_embeddings" not in merged and "tie_word_embeddings" in config:
+            merged["tie_word_embeddings"] = config["tie_word_embeddings"]
+        for key in ("_name_or_path",):
+            if key in config and key not in merged:
+                merged[key] = config[key]
+        return merged
+
+    @classmethod
+    def read_spec(cls, directory: Path, config: dict[str, Any], architecture: str) -> ModelSpec:
+        path = directory / "config.json"
+        text = cls.text_config(config)
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise KilnError(f"{path}: rope_parameters must be an object, got {rope!r}")
+        if (rope.get("rope_type") or rope.get("type") or "default") != "default":
+            raise KilnError(f"{path}: rope scaling {rope.get('rope_type') or rope.get('type')!r} with Qwen3.5's "
+                            "MRoPE is not supported")
+        spec = super().read_spec(directory, text, architecture)
+        n = spec.n_layers
+        interval = _int(text, "full_attention_interval", path, default=4)
+        types = text.get("layer_types")
+        if types is None:
+            types = [LINEAR if (i + 1) % interval else FULL for i in range(n)]
+        if not isinstance(types, list) or len(types) != n:
+            raise KilnError(f"{path}: layer_types has {len(types) if isinstance(types, list) else '?'} entries, "
+                            f"num_hidden_layers is {n}")
+        for i, t in enumerate(types):
+            if t not in LAYER_KINDS:
+                raise KilnError(f"{path}: layer {i}: layer type {t!r} is neither {LINEAR!r} nor {FULL!r}")
+        k_heads = _int(text, "linear_num_key_heads", path, default=16)
+        v_heads = _int(text, "linear_num_value_heads", path, default=32)
+        if v_heads % k_heads:
+            raise KilnError(f"{path}: linear_num_value_heads {v_heads} is not a multiple of "
+                            f"linear_num_key_heads {k_heads}")
+        partial = rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
+        rope_dim = int(spec.head_dim * float(partial))
+        sections = tuple(rope.get("mrope_section") or cls.default_mrope_section)
+        spec = replace(
+            spec, layer_types=tuple(types), full_attention_interval=interval,
+            linear_conv_kernel=_int(text, "linear_conv_kernel_dim", path, default=4),
+            linear_k_heads=k_heads, linear_v_heads=v_heads,
+            linear_k_dim=_int(text, "linear_key_head_dim", path, default=128),
+            linear_v_dim=_int(text, "linear_value_head_dim", path, default=128),
+            rope_dim=rope_dim, rope_sections=(*sections, *(0,) * (4 - len(sections))))
+        count = sum(int(np.prod(shape)) for _, _, shape, _ in cls.tensors(spec))
+        return replace(spec, param_count=count)
+
+    @classmethod
+    def layer_kinds_from_tensors(cls, spec: ModelSpec, names: set[str]) -> None:
+        """A layer whose tensors are of the other kind than `layer_types` says fails with its index."""
+        for i, kind in enumerate(spec.layer_types):
+            has_linear = cls.checkpoint_name(f"model.layers.{i}.linear_attn.in_proj_qkv.weight", spec) in names
+            has_full = cls.checkpoint_name(f"model.layers.{i}.self_attn.q_proj.weight", spec) in names
+            actual = LINEAR if has_linear and not has_full else FULL if has_full and not has_linear else None
+            if actual is not None and actual != kind:
+                raise KilnError(f"{spec.source}: layer {i}: layer_types says {kind!r}, its tensors are "
+                                f"{actual!r} ones")
+
+    @classmethod
+    def sources(cls, spec: ModelSpec, names=()) -> list[tuple[str, tuple[int, ...], str]]:
+        if names:
+            cls.layer_kinds_from_tensors(spec, set(names))
+        return super().sources(spec, names)
+
+    @classmethod
+    def export_warnings(cls, spec: ModelSpec, names) -> list[str]:
+        out = []
+        vision = sum(1 for n in names if n.startswith(("model.visual.", "visual.")))
+        if vision:
+            out.append(f"the vision tower ({vision} tensor{'s' * (vision != 1)}) is not written: the GGUF holds "
+                       "the text model only (llama.cpp runs a vision tower from a separate mmproj file)")
+        mtp = sum(1 for n in names if n.startswith(("mtp.", "model.mtp.")))
+        if mtp:
+            out.append(f"the multi-token prediction head ({mtp} tensor{'s' * (mtp != 1)}) is not written "
+                       "(the converter's --no-mtp)")
+        return out
+
+    @classmethod
+    def checkpoint_name(cls, hf: str, spec: ModelSpec) -> str:
+        if spec.hf_architecture == "Qwen3_5ForConditionalGeneration" and hf.startswith("model."):
+            return cls.multimodal_prefix + hf[len("model."):]
+        return hf
+
+    # ------------------------------------------------------------------ row transforms
+    @classmethod
+    def transform_dims(cls, spec: ModelSpec | None = None, header: Any = None) -> dict[str, int]:
+        if spec is not None:
+            return {"k_heads": spec.linear_k_heads, "v_heads": spec.linear_v_heads,
+                    "k_dim": spec.linear_k_dim, "v_dim": spec.linear_v_dim}
+        v_heads = int(header.get("qwen35.ssm.time_step_rank"))
+        return {"k_heads": int(header.get("qwen35.ssm.group_count")), "v_heads": v_heads,
+                "k_dim": int(header.get("qwen35.ssm.state_size")),
+                "v_dim": int(header.get("qwen35.ssm.inner_size")) // v_heads}
+
+    @staticmethod
+    def _v_reorder(w: np.ndarray, axis: int, dims: dict[str, int], head: int, inverse: bool) -> np.ndarray:
+        return _tiled(w, axis, dims["k_heads"], dims["v_heads"] // dims["k_heads"], head, inverse)
+
+    @classmethod
+    def transform_plus_one(cls, w: np.ndarray, dims: dict[str, int], inverse: bool) -> np.ndarray:
+        return w - 1 if inverse else w + 1
+
+    @classmethod
+    def transform_neg_exp(cls, w: np.ndarray, dims: dict[str, int], inverse: bool) -> np.ndarray:
+        if inverse:
+            return cls._v_reorder(np.log(-w.astype(np.float64)).astype(np.float32), 0, dims, 1, True)
+        return -_exp32(cls._v_reorder(w, 0, dims, 1, False))
+
+    @classmethod
+    def transform_v_heads(cls, w: np.ndarray, dims: dict[str, int], inverse: bool) -> np.ndarray:
+        return cls._v_reorder(w, 0, dims, 1, inverse)
+
+    @classmethod
+    def transform_v_rows(cls, w: np.ndarray, dims: dict[str, int], inverse: bool) -> np.ndarray:
+        return cls._v_reorder(w, 0, dims, dims["v_dim"], inverse)
+
+    @classmethod
+    def transform_v_cols(cls, w: np.ndarray, dims: dict[str, int], inverse: bool) -> np.ndarray:
+        return cls._v_reorder(w, 1, dims, dims["v_dim"], inverse)
+
+    @classmethod
+    def transform_qkv(cls, w: np.ndarray, dims: dict[str, int], inverse: bool) -> np.ndarray:
+        """q and k rows as they are, the value rows (after them) reordered."""
+        qk = 2 * dims["k_heads"] * dims["k_dim"]
+        return np.concatenate([w[:qk], cls._v_reorder(w[qk:], 0, dims, dims["v_dim"], inverse)])
+
+    @classmethod
+    def transform_conv(cls, w: np.ndarray, dims: dict[str, int], inverse: bool) -> np.ndarray:
+        """[channels, 1, kernel] -> [channels, kernel], value channels reordered (and back)."""
+        if not inverse:
+            w = w.reshape(w.shape[0], w.shape[-1])
+        out = cls.transform_qkv(w, dims, inverse)
+        return out[:, None, :] if inverse else out
+
+    # ------------------------------------------------------------------ cost model
+    @classmethod
+    def weight_shapes(cls, config: dict[str, Any], tied: bool) -> list[tuple[str, str, int | None, int, int]]:
+        return super().weight_shapes(cls.text_config(config), tied)
+
+    @classmethod
+    def layer_weight_tensors(cls, config: dict[str, Any]) -> list[tuple[str, str, int, int]]:
+        """Approximate: every layer costed as a full-attention one (the DeltaNet layers' projections are of
+        the same order); a per-kind cost model is later work."""
+        return super().layer_weight_tensors(cls.text_config(config))

@@ -1,0 +1,193 @@
+"""Qwen3.5 (dense Gated DeltaNet hybrid) end to end, on real components.
+
+tiny-qwen3_5 (3 linear-attention layers + 1 full-attention layer, 2 key heads and 4 value heads, so the
+converter's value-head reorder applies) is exported at f32 and q8_0 with verification on (llama.cpp's
+qwen35 graph against transformers' torch implementation, short positions and the end of the context);
+its tensors equal llama.cpp's converter's (`--no-mtp`: transformers does not save the MTP head); a
+layer_types entry that contradicts the tensors fails in one line naming the layer and leaves no file;
+the published multimodal layout (Qwen3_5ForConditionalGeneration: text_config, `model.language_model.`
+tensors, a vision tower) reads to the same GGUF tensors, with the vision tower left out in a warning;
+and llama.cpp's engine scores and steps a recurrent model from fresh sequences (no prompt-cache reuse).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp")
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import gguf  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from kiln.errors import KilnError  # noqa: E402
+from kiln.fixtures import LLAMA_CPP_PRE, build  # noqa: E402
+from kiln.pipeline import export_gguf_artifact  # noqa: E402
+
+NAME = "tiny-qwen3_5"
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    root = tmp_path_factory.mktemp("qwen35")
+    out = {}
+    for quant in ("f32", "q8_0"):
+        path = root / f"{NAME}.{quant}.gguf"
+        result = export_gguf_artifact(build(NAME, progress=False), path, quant)
+        out[quant] = (path, result.record)
+    return out
+
+
+def _copy(dest: Path) -> Path:
+    shutil.copytree(build(NAME, progress=False), dest, ignore=shutil.ignore_patterns(".kiln-*"))
+    return dest
+
+
+def _tensors(path: Path) -> dict[str, tuple[str, list[int], np.ndarray]]:
+    return {t.name: (t.tensor_type.name, [int(x) for x in t.shape], np.array(t.data))
+            for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_export_is_verified_against_transformers(exports, quant: str) -> None:
+    _, record = exports[quant]
+    v = record["verification"]
+    assert v["passed"], v["criterion"]
+    assert record["source"]["family"] == "qwen35"
+    assert v["short_positions"]["top1"] == 1.0 or quant != "f32"
+
+
+def test_tensors_equal_llama_cpp_converter(exports, tmp_path: Path) -> None:
+    from kiln.fixtures.llama_converter import convert_many
+
+    conv = tmp_path / "conv.gguf"
+    convert_many([(build(NAME, progress=False), conv, LLAMA_CPP_PRE[NAME], ["--no-mtp"])], "f32")
+    ours, theirs = _tensors(exports["f32"][0]), _tensors(conv)
+    assert sorted(ours) == sorted(theirs)
+    for name, (t, shape, data) in ours.items():
+        assert (t, shape) == theirs[name][:2], name
+        assert np.array_equal(data, theirs[name][2]), name
+
+
+def test_layer_types_contradicting_the_tensors_name_the_layer(tmp_path: Path) -> None:
+    src = _copy(tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["layer_types"] = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out.gguf"
+    with pytest.raises(KilnError) as err:
+        export_gguf_artifact(src, out, "f32", verify=False)
+    msg = str(err.value)
+    assert "\n" not in msg and "layer 1:" in msg and "'full_attention'" in msg, msg
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_layer_types_of_the_wrong_length_are_refused(tmp_path: Path) -> None:
+    src = _copy(tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["layer_types"] = ["linear_attention", "full_attention"]
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(KilnError, match="layer_types has 2 entries, num_hidden_layers is 4"):
+        export_gguf_artifact(src, tmp_path / "out.gguf", "f32", verify=False)
+
+
+def _multimodal(dest: Path) -> Path:
+    """The fixture as Qwen3.5 is published: Qwen3_5ForConditionalGeneration, the text config nested, the text
+    model's tensors under model.language_model., and a (tiny, fake) vision tower beside them."""
+    src = build(NAME, progress=False)
+    dest.mkdir()
+    for f in src.iterdir():
+        if f.is_file() and f.name not in ("config.json", "model.safetensors") and not f.name.startswith(".kiln"):
+            shutil.copy(f, dest / f.name)
+    text = json.loads((src / "config.json").read_text())
+    tie = text.pop("tie_word_embeddings")
+    text.pop("architectures")
+    config = {"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5",
+              "text_config": text, "vision_config": {"depth": 1, "hidden_size": 16}, "tie_word_embeddings": tie}
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    weights = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
+               for k, v in load_file(src / "model.safetensors").items()}
+    weights["model.visual.blocks.0.norm1.weight"] = np.ones(16, np.float32)
+    save_file(weights, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def test_multimodal_layout_reads_to_the_same_tensors(exports, tmp_path: Path) -> None:
+    """Same GGUF tensors as the Qwen3_5ForCausalLM layout, and verified (transformers reads the nested
+    config and the prefixed tensors as Qwen3_5ForCausalLM)."""
+    src = _multimodal(tmp_path / "mm")
+    out = tmp_path / "mm.gguf"
+    result = export_gguf_artifact(src, out, "f32")
+    assert result.record["source"]["family"] == "qwen35"
+    assert result.record["source"]["architecture"] == "Qwen3_5ForConditionalGeneration"
+    assert result.record["verification"]["passed"], result.record["verification"]["criterion"]
+    ours, causal = _tensors(out), _tensors(exports["f32"][0])
+    assert sorted(ours) == sorted(causal)
+    for name, (t, shape, data) in ours.items():
+        assert (t, shape) == causal[name][:2] and np.array_equal(data, causal[name][2]), name
+    vision = [w for w in result.warnings if "vision tower" in w]
+    assert len(vision) == 1 and "\n" not in vision[0], result.warnings
+
+
+def test_engine_scores_a_recurrent_model_from_fresh_sequences(exports) -> None:
+    """Scoring, prefill and step on fresh sequences agree with each other; the prompt cache, which would
+    cut a recurrent state back to a shared prefix, is off for such models."""
+    from kiln.runtime.llamacpp import LlamaCppEngine
+
+    with LlamaCppEngine(exports["f32"][0], n_ctx=512, n_seq_max=2) as e:
+        assert e.recurrent and e._slots == []
+        ids = list(range(5, 60))
+        full = e.score(ids)
+        assert np.array_equal(full, e.score(ids))
+        scale = float(full.std())
+        e.reset()
+        last = e.prefill_prompt(ids[:30])
+        assert np.abs(last - full[29]).max() < 1e-4 * scale
+        for i, t in enumerate(ids[30:40]):
+            assert np.abs(e.step([t], [0])[0] - full[30 + i]).max() < 1e-3 * scale
+        e.reset()
+        again = e.prefill_prompt(ids[:20])  # a shorter prompt after a longer one: nothing reused
+        assert np.abs(again - full[19]).max() < 1e-4 * scale
+        e.reset()
+        e.prefill(ids[:10], seq=0)
+        e.prefill(ids[:20], seq=1)
+        both = e.step([ids[10], ids[20]], [0, 1])
+        assert np.abs(both[0] - full[10]).max() < 1e-4 * scale
+        assert np.abs(both[1] - full[20]).max() < 1e-4 * scale
+
+
+def test_tied_embeddings_are_verified(tmp_path: Path) -> None:
+    """Qwen3.5's small releases tie the LM head to the embeddings: no output.weight, and llama.cpp's qwen35
+    falls back to token_embd as transformers does."""
+    src = _copy(tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (src / "config.json").write_text(json.dumps(config))
+    weights = load_file(src / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "tied.gguf"
+    result = export_gguf_artifact(src, out, "f32")
+    assert result.record["verification"]["passed"], result.record["verification"]["criterion"]
+    assert "output.weight" not in _tensors(out)
+
+
+def test_smc_on_a_recurrent_model_is_refused_in_one_line(exports) -> None:
+    """Copying a recurrent state (what SMC resampling and shared prompts do) is not yet checked against
+    fresh prefills, so it is refused, from the API and from `kiln generate --particles`."""
+    from kiln_cli import kiln, one_line_error
+
+    from kiln.runtime.llamacpp import LlamaCppEngine
+
+    with LlamaCppEngine(exports["f32"][0], n_ctx=256, n_seq_max=2) as e:
+        e.prefill(list(range(5, 15)), seq=0)
+        with pytest.raises(KilnError, match="recurrent"):
+            e.copy_seq(0, 1)
+    proc = kiln("generate", exports["f32"][0], "--prompt", "Hello", "--particles", "4", "--max-tokens", "4")
+    one_line_error(proc, "recurrent")
