@@ -65,7 +65,7 @@ def fixtures(names: tuple[str, ...], force: bool, as_json: bool) -> None:
     \b
     Examples:
       kiln fixtures                  # all: smollm2-135m, tiny-qwen2, tiny-qwen3, tiny-llama,
-                                     # tiny-gpt2, tiny-nanogpt, tiny-qwen2-moe, tiny-qwen3-moe
+                                     # tiny-gpt2, tiny-nanogpt, tiny-qwen2-moe, tiny-qwen3-moe, tiny-qwen3_5
       kiln fixtures tiny-qwen2 --force
     """
     from kiln import fixtures as fx
