@@ -191,3 +191,29 @@ def test_smc_on_a_recurrent_model_is_refused_in_one_line(exports) -> None:
             e.copy_seq(0, 1)
     proc = kiln("generate", exports["f32"][0], "--prompt", "Hello", "--particles", "4", "--max-tokens", "4")
     one_line_error(proc, "recurrent")
+
+
+def test_cost_model_counts_kv_on_attention_layers_and_the_recurrent_state(exports) -> None:
+    """`kiln plan` and `kiln bench`'s cost model: K/V only in the gated attention layers, plus a fixed f32
+    state per sequence in each DeltaNet layer, the same from config.json and from the GGUF, equal to the
+    state buffer llama.cpp itself allocates; weight bytes equal the file's."""
+    from kiln import llamacpp_log
+    from kiln.bench.cost_model import gguf_weights
+    from kiln.bench.geometry import hf_geometry, read_geometry
+    from kiln.bench.plan import plan
+    from kiln.gguf_header import open_gguf
+    from kiln.runtime.llamacpp import LlamaCppEngine
+
+    src = build(NAME, progress=False)
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    gguf_path = exports["q8_0"][0]
+    hf, art = hf_geometry(config, src), read_geometry(gguf_path)
+    assert hf.kv_layers == art.kv_layers == config["layer_types"].count("full_attention") == 1
+    assert hf.state_bytes == art.state_bytes > 0
+    assert art.kv_bytes_per_token("f16") == 2 * 1 * config["num_key_value_heads"] * config["head_dim"] * 2
+    with LlamaCppEngine(gguf_path, n_ctx=256, n_seq_max=4):
+        reported = llamacpp_log.buffer_sizes()["state"]  # MiB, printed to two decimals
+    assert abs(reported - 4 * art.state_bytes / 2**20) <= 0.006
+    assert gguf_weights(config, "q8_0").bytes == open_gguf(gguf_path).tensor_totals()[1]
+    p = plan(src, 256 << 20, particles=4)
+    assert p.recommended is not None and p.recommended.fits

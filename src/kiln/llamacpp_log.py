@@ -32,7 +32,7 @@ def install() -> None:
     def _cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         msg = text.decode("utf-8", errors="replace")
         _tail.append(msg)
-        if "buffer size" in msg or "kv_cache: size" in msg:
+        if "buffer size" in msg or "kv_cache: size" in msg or "memory_recurrent: size" in msg:
             _sizes.append(msg)
         if verbose:
             print(msg, end="", file=sys.stderr, flush=True)
@@ -52,7 +52,8 @@ def last_error() -> str:
 
 
 def buffer_sizes() -> dict[str, float]:
-    """MiB llama.cpp reported since the last `clear()`: {"model", "repack", "kv", "compute", "output"}.
+    """MiB llama.cpp reported since the last `clear()`: {"model", "repack", "kv", "state", "compute", "output"}
+    ("state": a recurrent or hybrid model's per-sequence state).
 
     "model" is the mapped weights (file pages), "repack" the weights llama.cpp copied into its CPU layout."""
     out: dict[str, float] = {}
@@ -61,7 +62,8 @@ def buffer_sizes() -> dict[str, float]:
             mib = float(line.split("=", 1)[1].split("MiB", 1)[0])
         except (IndexError, ValueError):
             continue
-        key = ("kv" if "kv_cache: size" in line else "repack" if "REPACK" in line else "model" if "model buffer" in line
+        key = ("kv" if "kv_cache: size" in line else "state" if "memory_recurrent: size" in line
+               else "repack" if "REPACK" in line else "model" if "model buffer" in line
                else "compute" if "compute buffer" in line else "output" if "output buffer" in line else None)
         if key and not (key == "kv" and "KV buffer" in line):
             out[key] = out.get(key, 0.0) + mib

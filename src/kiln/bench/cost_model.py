@@ -204,11 +204,12 @@ def predict_peak(geo: Geometry, context: int, kv_type: str | None = None, partic
     w = geo.model_bytes if weights is None else weights
     repacked = repacked or geo.repacked_bytes
     if fmt == "gguf":
-        kv = geo.kv_bytes(context, kv_type or "f16")  # one unified cache of `context` cells for all sequences
+        # one unified cache of `context` cells for all sequences, plus each sequence's recurrent state (hybrids)
+        kv = geo.kv_bytes(context, kv_type or "f16") + geo.state_bytes * particles
         compute = llama_compute_bytes(geo, context, flash_attn)
         per_token = geo.kv_bytes_per_token(kv_type or "f16")
     else:
-        kv = geo.kv_bytes(context) * particles  # a row of `context` positions per particle
+        kv = (geo.kv_bytes(context) + geo.state_bytes) * particles  # a row of `context` positions per particle
         compute = onnx_compute_bytes(geo, context, particles)
         per_token = geo.kv_bytes_per_token()
     return MemoryEstimate(RUNTIME_BASE[fmt], w, repacked, kv, compute, per_token)

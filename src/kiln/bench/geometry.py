@@ -40,6 +40,8 @@ class Geometry:
     repacked_bytes: int = 0  # weights the CPU backend copies into its own layout (llama.cpp repack, MLAS prepack)
     ffn: int = 0  # feed-forward width (0: unknown)
     gathered_bytes: int = 0  # tables only looked up per token (positions; untied token embeddings): not streamed
+    kv_layers: int = 0  # layers that keep K and V per token (0: all; a hybrid's recurrent layers keep none)
+    state_bytes: int = 0  # fixed recurrent state per sequence (Gated DeltaNet conv window + state), any context
 
     @property
     def streamed_bytes(self) -> int:
@@ -47,9 +49,9 @@ class Geometry:
         return self.model_bytes - self.gathered_bytes
 
     def kv_bytes_per_token(self, kv_type: str | None = None) -> float:
-        """K and V of one token in all layers: 2 x n_layers x n_kv_heads x head_dim x bytes per element."""
+        """K and V of one token in the attention layers: 2 x layers x n_kv_heads x head_dim x bytes per element."""
         per = KV_TYPE_BYTES[kv_type] if kv_type else self.kv_bytes_per_elem
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * per
+        return 2 * (self.kv_layers or self.n_layers) * self.n_kv_heads * self.head_dim * per
 
     def kv_cells(self, context: int) -> int:
         """Cells a runtime allocates for `context` (llama.cpp pads its KV cache to a multiple of 256)."""
@@ -118,8 +120,15 @@ def _gguf(path: Path) -> Geometry:
     ffn = int(get(f"{arch}.feed_forward_length", 0) or 0)
     names = {t.name: t.n_bytes for t in g.tensors}
     gathered = names.get("position_embd.weight", 0) + (names.get("token_embd.weight", 0) if "output.weight" in names else 0)
+    # A hybrid (Qwen3.5's Gated DeltaNet layers) flags its recurrent layers: they keep no K/V but a fixed f32
+    # state per sequence, sized as llama.cpp sizes it (llama_hparams n_embd_r: conv window, n_embd_s: state).
+    recurrent = sum(bool(x) for x in get(f"{arch}.attention.recurrent_layers") or [])
+    d_conv, d_inner = int(get(f"{arch}.ssm.conv_kernel", 0) or 0), int(get(f"{arch}.ssm.inner_size", 0) or 0)
+    d_state, n_group = int(get(f"{arch}.ssm.state_size", 0) or 0), int(get(f"{arch}.ssm.group_count", 0) or 0)
+    state = 4 * recurrent * (max(d_conv - 1, 0) * (d_inner + 2 * n_group * d_state) + d_state * d_inner)
     return Geometry("gguf", arch, n_layers, n_heads, n_kv, head_dim, hidden, vocab, ctx, native, note,
-                    path.stat().st_size, 2.0, repacked, ffn, gathered)
+                    path.stat().st_size, 2.0, repacked, ffn, gathered, kv_layers=n_layers - recurrent,
+                    state_bytes=state)
 
 
 def _onnx(path: Path) -> Geometry:
@@ -212,5 +221,11 @@ def hf_geometry(config: dict[str, Any], path: Path | None = None) -> Geometry:
         size = sum(p.stat().st_size for p in path.glob("*.safetensors")) or sum(
             p.stat().st_size for p in path.glob("*.bin"))
     ffn = int(text.get("intermediate_size") or text.get("n_inner") or text.get("ffn_dim") or 4 * hidden)
+    from kiln import families
+
+    family = families.for_config(config)
+    kv_layers = family.kv_layer_count(config) if family is not None and "num_hidden_layers" in text else n_layers
+    state = family.recurrent_state_bytes(config) if family is not None else 0
     return Geometry("hf", (config.get("architectures") or [config.get("model_type", "?")])[0], n_layers, n_heads,
-                    n_kv, head_dim, hidden, vocab, ctx, native, note, size, 2.0, 0, ffn)
+                    n_kv, head_dim, hidden, vocab, ctx, native, note, size, 2.0, 0, ffn, kv_layers=kv_layers,
+                    state_bytes=state)

@@ -193,6 +193,9 @@ def explain(p: Plan, geo: Geometry) -> str:
     c, e = p.recommended, p.recommended.estimate
     ctx = p.context or (geo.context_length if c.fits else c.max_context)
     kv_note = f"KV {_human(e.kv_per_token)}/token ({_human(e.kv)} at {_ctx(ctx)})"
+    if geo.state_bytes:  # a hybrid: the DeltaNet layers' fixed state per sequence is inside that figure
+        kv_note = (f"KV {_human(e.kv_per_token)}/token in {geo.kv_layers} attention layers + recurrent state "
+                   f"{_human(geo.state_bytes)}/sequence ({_human(e.kv)} at {_ctx(ctx)})")
     parts = [f"weights {_human(c.weights)} ({c.bits_per_weight:.2f} bpw)"]
     if e.repacked:
         parts.append(f"CPU repack {_human(e.repacked)}")

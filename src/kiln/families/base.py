@@ -421,6 +421,16 @@ class Family:
         return out
 
     @classmethod
+    def kv_layer_count(cls, config: dict[str, Any]) -> int:
+        """Layers that keep K and V per token (all of a plain decoder's), from a config alone."""
+        return int(config["num_hidden_layers"])
+
+    @classmethod
+    def recurrent_state_bytes(cls, config: dict[str, Any]) -> int:
+        """Bytes of fixed per-sequence state (recurrent layers), independent of context; 0 for attention only."""
+        return 0
+
+    @classmethod
     def layer_weight_tensors(cls, config: dict[str, Any]) -> list[tuple[str, str, int, int]]:
         """(GGUF suffix, llama.cpp tensor category, columns, rows) of one layer's matrices and the
         per-layer vector groups, from a config alone (kiln plan reads no weights)."""

@@ -272,7 +272,56 @@ class Qwen3_5(Family):
         return super().weight_shapes(cls.text_config(config), tied)
 
     @classmethod
-    def layer_weight_tensors(cls, config: dict[str, Any]) -> list[tuple[str, str, int, int]]:
-        """Approximate: every layer costed as a full-attention one (the DeltaNet layers' projections are of
-        the same order); a per-kind cost model is later work."""
-        return super().layer_weight_tensors(cls.text_config(config))
+    def _kinds(cls, text: dict[str, Any]) -> list[str]:
+        n = int(text["num_hidden_layers"])
+        types = text.get("layer_types")
+        if isinstance(types, list) and len(types) == n:
+            return [str(t) for t in types]
+        interval = int(text.get("full_attention_interval") or 4)  # Qwen3_5TextConfig's default layout
+        return [FULL if (i + 1) % interval == 0 else LINEAR for i in range(n)]
+
+    @classmethod
+    def _linear_dims(cls, text: dict[str, Any]) -> tuple[int, int, int, int, int]:
+        """(key heads, key head dim, value heads, value head dim, conv kernel), transformers' defaults."""
+        return (int(text.get("linear_num_key_heads") or 16), int(text.get("linear_key_head_dim") or 128),
+                int(text.get("linear_num_value_heads") or 32), int(text.get("linear_value_head_dim") or 128),
+                int(text.get("linear_conv_kernel_dim") or 4))
+
+    @classmethod
+    def kv_layer_count(cls, config: dict[str, Any]) -> int:
+        """Only the gated full-attention layers keep K and V; the DeltaNet layers keep a fixed state."""
+        return sum(k == FULL for k in cls._kinds(cls.text_config(config)))
+
+    @classmethod
+    def recurrent_state_bytes(cls, config: dict[str, Any]) -> int:
+        """Per sequence, per DeltaNet layer, in f32 as llama.cpp keeps it (llama_hparams n_embd_r / n_embd_s):
+        the conv window, (kernel - 1) x (q, k and v channels), and the state, one key x value matrix per value head."""
+        text = cls.text_config(config)
+        nk, dk, nv, dv, kernel = cls._linear_dims(text)
+        per_layer = (kernel - 1) * (2 * nk * dk + nv * dv) + nv * dk * dv
+        return 4 * per_layer * sum(k == LINEAR for k in cls._kinds(text))
+
+    @classmethod
+    def weight_shapes(cls, config: dict[str, Any], tied: bool) -> list[tuple[str, str, int | None, int, int]]:
+        """Every weight from a config alone, each layer by its kind (the tensor table's shapes)."""
+        text = cls.text_config(config)
+        d, v = int(text["hidden_size"]), int(text["vocab_size"])
+        h = int(text["num_attention_heads"])
+        kv = int(text.get("num_key_value_heads") or h)
+        hd = int(text.get("head_dim") or cls.default_head_dim(d, h))
+        ff = int(text["intermediate_size"])
+        nk, dk, nv, dv, kernel = cls._linear_dims(text)
+        conv = 2 * nk * dk + nv * dv
+        mlp = [("ffn_gate", "ffn_gate", d, ff), ("ffn_up", "ffn_up", d, ff), ("ffn_down", "ffn_down", ff, d)]
+        full = [("attn_q", "attn_q", d, 2 * h * hd), ("attn_k", "attn_k", d, kv * hd), ("attn_v", "attn_v", d, kv * hd),
+                ("attn_output", "attn_output", h * hd, d), ("norms", "norm", 1, 2 * d + 2 * hd)]
+        linear = [("attn_qkv", "attn_qkv", d, conv), ("attn_gate", "attn_q", d, nv * dv),
+                  ("ssm_ab", "attn_q", d, 2 * nv), ("ssm_out", "attn_output", nv * dv, d),
+                  ("ssm_conv1d", "norm", 1, conv * kernel), ("norms", "norm", 1, 2 * d + dv + 2 * nv)]
+        out: list[tuple[str, str, int | None, int, int]] = [("token_embd", "token_embd", None, d, v)]
+        for i, kind in enumerate(cls._kinds(text)):
+            out += [(f"blk.{i}.{name}", cat, i, ne0, rows) for name, cat, ne0, rows in (full if kind == FULL else linear) + mlp]
+        out.append(("output_norm", "norm", None, 1, d))
+        if not tied:
+            out.append(("output", "output", None, d, v))
+        return out
