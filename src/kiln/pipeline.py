@@ -199,12 +199,13 @@ class _Gpt2Source(_Source):
         return {"transformers": Gpt2Reference, "arbor": ArborReference}[self.family.reference](self.model)
 
 
-def _refuse_early(src: str | Path, *, rope: bool, precision: str | None = None) -> None:
-    """Options the source's family cannot honour, refused before anything is read (reading a pickle or a
-    large checkpoint first would make the user wait for a refusal the family already knew)."""
+def _refuse_early(src: str | Path, *, rope: bool, precision: str | None = None) -> type | None:
+    """The source's family (None: left to the decoder reader), after refusing the options it cannot honour,
+    before anything is read (reading a pickle or a large checkpoint first would make the user wait for a
+    refusal the family already knew)."""
     family = families.for_source(src)
     if family is None:
-        return
+        return None
     if rope and not family.rotary:
         raise KilnError(f"{src}: {family.description} has absolute positions, no RoPE to scale")
     allowed = family.onnx_precisions
@@ -214,14 +215,16 @@ def _refuse_early(src: str | Path, *, rope: bool, precision: str | None = None) 
                             "take the family, and kiln writes no graph of its own for it)")
         raise KilnError(f"{src}: {family.description} exports to ONNX at {'/'.join(allowed)} only "
                         "(kiln writes that graph itself; onnxruntime-genai's builder does not take the family)")
+    return family
 
 
 def open_source(src: str | Path, *, allow_pickle: bool = False, n_heads: int | None = None,
-                tokenizer: str | Path | None = None) -> _Source:
-    """Read `src` the way its family says: kiln's GPT-2 form for a GPT-2 shaped family, the decoder reader
-    (which recognises every other checkpoint, or refuses it with the reason) otherwise."""
+                tokenizer: str | Path | None = None, family: type | None = None) -> _Source:
+    """Read `src` the way its family says (`family`: already found by `families.for_source`): kiln's GPT-2
+    form for a GPT-2 shaped family, the decoder reader (which recognises every other checkpoint, or
+    refuses it with the reason) otherwise."""
     src = Path(src)
-    family = families.for_source(src)
+    family = family or families.for_source(src)
     if family is not None and family.layout == "gpt2":
         return _Gpt2Source(src, family, n_heads, tokenizer, allow_pickle)
     return _DecoderSource(src, allow_pickle)
@@ -254,8 +257,8 @@ def export_gguf_artifact(
     """
     out = check_output(out, "gguf", force=force, sources=(src, imatrix, tokenizer),
                        companions=lambda dest: _gguf_companions(dest, modelfile))
-    _refuse_early(src, rope=bool(rope_scaling or original_context or context))
-    source = open_source(src, allow_pickle=allow_pickle, n_heads=n_heads, tokenizer=tokenizer)
+    family = _refuse_early(src, rope=bool(rope_scaling or original_context or context))
+    source = open_source(src, allow_pickle=allow_pickle, n_heads=n_heads, tokenizer=tokenizer, family=family)
     qtype = quant_type(quant or source.default_quant)
     rope = source.rope(rope_scaling, original_context, context, allow_shorter_context)
     imatrix_path = Path(imatrix) if imatrix else None
@@ -381,8 +384,8 @@ def export_onnx_artifact(
     if verify and precision == "fp16":
         raise KilnError("fp16 ONNX graphs run on CUDA only, and kiln verifies ONNX graphs in onnxruntime on the CPU: "
                         "pass --no-verify to export one unverified")
-    _refuse_early(src, rope=bool(rope_scaling or original_context or context), precision=precision)
-    source = open_source(src, allow_pickle=allow_pickle, n_heads=n_heads, tokenizer=tokenizer)
+    family = _refuse_early(src, rope=bool(rope_scaling or original_context or context), precision=precision)
+    source = open_source(src, allow_pickle=allow_pickle, n_heads=n_heads, tokenizer=tokenizer, family=family)
     source.check_onnx(precision)
     rope = source.rope(rope_scaling, original_context, context, allow_shorter_context)
     from kiln.formats import by_name
