@@ -60,16 +60,18 @@ class LlamaCppEngine(Engine):
         self.n_ctx_asked = int(cparams.n_ctx)  # llama.cpp rounds it up (to a multiple of 256): see context_text
         cparams.n_batch = n_batch
         cparams.n_ubatch = min(n_batch, 512)
-        # A recurrent or hybrid model (Qwen3.5's Gated DeltaNet layers) holds one state per sequence, which
-        # cannot be cut back to a shorter prefix: scoring and prefill run from a fresh sequence, and the
-        # prompt cache (prefix reuse) is off for such models (reusing recurrent state is later work).
+        # A recurrent or hybrid model (Qwen3.5's Gated DeltaNet layers) holds one state per sequence (one
+        # recurrent cell per sequence id), the state after its last token: it cannot be cut back to a
+        # shorter prefix the way K/V cells can. Copying a whole sequence is exact (llama.cpp shares the
+        # cell and copies it on the next write), so SMC's forks work unchanged; the prompt cache reuses a
+        # cached prompt only when all of it is a prefix of the new one (see prefill_prompt).
         self.recurrent = any(bool(getattr(lc, fn)(self._model)) for fn in ("llama_model_is_recurrent",
                                                                          "llama_model_is_hybrid")
                              if hasattr(lc, fn))
         # Cached prompts live in hidden sequence ids after the caller's (their cells are shared with
         # the sequences copied from them, so a prompt in use costs no extra cells). A split cache
         # would give every hidden id its own slice of n_ctx: only the unified one gets a cache.
-        cache_ok = kv_unified and not self.recurrent
+        cache_ok = kv_unified
         self._slots = list(range(n_seq_max, min(n_seq_max + prompt_cache, _MAX_SEQ))) if cache_ok else []
         self._cached: dict[int, tuple[tuple[int, ...], np.ndarray]] = {}  # slot -> (prompt, last logits)
         self._lru: list[int] = []  # slots, least recently used first
@@ -246,11 +248,6 @@ class LlamaCppEngine(Engine):
     def copy_seq(self, src: int, dst: int) -> None:
         if src == dst:
             return
-        if self.recurrent:
-            # llama.cpp's recurrent cells are not yet checked here against fresh prefills (as every other
-            # engine operation is): refuse rather than risk SMC weights computed on a wrong state.
-            raise KilnError(f"{self.path}: copying a sequence of a recurrent model (SMC particles, shared prompts) is "
-                            "not supported yet; generate with one particle")
         self._lc.llama_memory_seq_rm(self._mem, dst, -1, -1)
         self._lc.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
         self._pos[dst] = self._pos.get(src, 0)
@@ -282,7 +279,10 @@ class LlamaCppEngine(Engine):
         if not self._slots or self._len.get(seq, 0):
             return self.prefill(tokens, seq=seq)
         lc, mem = self._lc, self._mem
-        best, k = longest_prefix_match(((slot, held) for slot, (held, _) in self._cached.items()), tokens)
+        # a recurrent state exists only at the end of its prompt: reuse a cached prompt whole or not at all
+        usable = ((slot, held) for slot, (held, _) in self._cached.items()
+                  if not self.recurrent or tuple(tokens[:len(held)]) == held)
+        best, k = longest_prefix_match(usable, tokens)
         # cells cached prompts hold beyond what this prompt shares stay occupied: evict (least recently
         # used first, the best match last) until this prompt, the caller's reserve and the live sequences fit
         def over() -> bool:
@@ -295,9 +295,7 @@ class LlamaCppEngine(Engine):
             self._evict(slot)
             if slot == best:
                 best, k = None, 0
-        if best is None:
-            logits = self.prefill(tokens, seq=seq)
-        else:
+        if best is not None:
             self._lru.remove(best)
             self._lru.append(best)
             lc.llama_memory_seq_cp(mem, best, seq, -1, -1)
@@ -308,18 +306,31 @@ class LlamaCppEngine(Engine):
                 k -= 1
             lc.llama_memory_seq_rm(mem, seq, k, -1)
             self._pos[seq] = self._len[seq] = k
-            logits = self.prefill(tokens[k:], seq=seq)
-        if best is not None and len(self._cached[best][0]) == k:
-            slot = best  # the new prompt extends the cached one: replace it
-        else:
+        if self.recurrent:
+            # Where this prompt parts from a cached one, keep the state there too (llama-server's context
+            # checkpoints do the same): the next prompt sharing that prefix (one system prompt, one
+            # document, different questions) then starts from it. The prefill is only split, not repeated.
+            _, shared = longest_prefix_match(((s, h) for s, (h, _) in self._cached.items()), tokens)
+            if k < shared < len(tokens):
+                self._store(seq, tokens[:shared], self.prefill(tokens[k:shared], seq=seq), None)
+                k = shared
+        logits = self.prefill(tokens[k:], seq=seq)
+        # a K/V prompt extending the cached one holds it whole: replace it (a recurrent state does not)
+        extended = best is not None and len(self._cached[best][0]) == k and not self.recurrent
+        self._store(seq, tokens, logits, best if extended else None)
+        return logits
+
+    def _store(self, seq: int, prompt: Sequence[int], logits: np.ndarray, slot: int | None) -> None:
+        """Cache `seq`'s cells (its whole prompt so far) as `prompt` in `slot`, else a free or the least
+        recently used slot."""
+        if slot is None:
             free = [s for s in self._slots if s not in self._cached]
             slot = free[0] if free else self._lru[0]
         if slot in self._cached:
             self._evict(slot)
-        lc.llama_memory_seq_cp(mem, seq, slot, -1, -1)
-        self._cached[slot] = (tuple(tokens), logits.copy())
+        self._lc.llama_memory_seq_cp(self._mem, seq, slot, -1, -1)
+        self._cached[slot] = (tuple(prompt), logits.copy())
         self._lru.append(slot)
-        return logits
 
     def _evict(self, slot: int) -> None:
         self._lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
