@@ -19,8 +19,9 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from kiln.errors import KilnError
-from kiln.export.chat_templates import FAMILIES, PROBES, TemplateMatch, match_chat_template
+from kiln.export.chat_templates import FAMILIES, PROBES, THINK_PROBES, TemplateMatch, match_chat_template
 from kiln.export.modelfile import render_modelfile, write_modelfile
+from kiln.runtime.chat import render_chat
 
 # ----------------------------------------------------------------------------- templates
 
@@ -170,6 +171,168 @@ QWEN3 = r"""{%- if tools %}
     {%- endif %}
 {%- endif %}"""
 
+# Qwen/Qwen3.5-27B, Qwen/Qwen3.5-35B-A3B (chat_template.jinja): thinks by default
+QWEN35 = r"""{%- set image_count = namespace(value=0) %}
+{%- set video_count = namespace(value=0) %}
+{%- macro render_content(content, do_vision_count, is_system_content=false) %}
+    {%- if content is string %}
+        {{- content }}
+    {%- elif content is iterable and content is not mapping %}
+        {%- for item in content %}
+            {%- if 'image' in item or 'image_url' in item or item.type == 'image' %}
+                {%- if is_system_content %}
+                    {{- raise_exception('System message cannot contain images.') }}
+                {%- endif %}
+                {%- if do_vision_count %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                {%- endif %}
+                {%- if add_vision_id %}
+                    {{- 'Picture ' ~ image_count.value ~ ': ' }}
+                {%- endif %}
+                {{- '<|vision_start|><|image_pad|><|vision_end|>' }}
+            {%- elif 'video' in item or item.type == 'video' %}
+                {%- if is_system_content %}
+                    {{- raise_exception('System message cannot contain videos.') }}
+                {%- endif %}
+                {%- if do_vision_count %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                {%- endif %}
+                {%- if add_vision_id %}
+                    {{- 'Video ' ~ video_count.value ~ ': ' }}
+                {%- endif %}
+                {{- '<|vision_start|><|video_pad|><|vision_end|>' }}
+            {%- elif 'text' in item %}
+                {{- item.text }}
+            {%- else %}
+                {{- raise_exception('Unexpected item type in content.') }}
+            {%- endif %}
+        {%- endfor %}
+    {%- elif content is none or content is undefined %}
+        {{- '' }}
+    {%- else %}
+        {{- raise_exception('Unexpected content type.') }}
+    {%- endif %}
+{%- endmacro %}
+{%- if not messages %}
+    {{- raise_exception('No messages provided.') }}
+{%- endif %}
+{%- if tools and tools is iterable and tools is not mapping %}
+    {{- '<|im_start|>system\n' }}
+    {{- "# Tools\n\nYou have access to the following functions:\n\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>" }}
+    {{- '\n\nIf you choose to call a function ONLY reply in the following format with NO suffix:\n\n<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n</parameter>\n<parameter=example_parameter_2>\nThis is the value for the second parameter\nthat can span\nmultiple lines\n</parameter>\n</function>\n</tool_call>\n\n<IMPORTANT>\nReminder:\n- Function calls MUST follow the specified format: an inner <function=...></function> block must be nested within <tool_call></tool_call> XML tags\n- Required parameters MUST be specified\n- You may provide optional reasoning for your function call in natural language BEFORE the function call, but NOT after\n- If there is no function call available, answer the question like normal with your current knowledge and do not tell the user about function calls\n</IMPORTANT>' }}
+    {%- if messages[0].role == 'system' %}
+        {%- set content = render_content(messages[0].content, false, true)|trim %}
+        {%- if content %}
+            {{- '\n\n' + content }}
+        {%- endif %}
+    {%- endif %}
+    {{- '<|im_end|>\n' }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {%- set content = render_content(messages[0].content, false, true)|trim %}
+        {{- '<|im_start|>system\n' + content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" %}
+        {%- set content = render_content(message.content, false)|trim %}
+        {%- if not(content.startswith('<tool_response>') and content.endswith('</tool_response>')) %}
+            {%- set ns.multi_step_tool = false %}
+            {%- set ns.last_query_index = index %}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if ns.multi_step_tool %}
+    {{- raise_exception('No user query found in messages.') }}
+{%- endif %}
+{%- for message in messages %}
+    {%- set content = render_content(message.content, true)|trim %}
+    {%- if message.role == "system" %}
+        {%- if not loop.first %}
+            {{- raise_exception('System message must be at the beginning.') }}
+        {%- endif %}
+    {%- elif message.role == "user" %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- set reasoning_content = reasoning_content|trim %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content + '\n</think>\n\n' + content }}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls and message.tool_calls is iterable and message.tool_calls is not mapping %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if tool_call.function is defined %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {%- if loop.first %}
+                    {%- if content|trim %}
+                        {{- '\n\n<tool_call>\n<function=' + tool_call.name + '>\n' }}
+                    {%- else %}
+                        {{- '<tool_call>\n<function=' + tool_call.name + '>\n' }}
+                    {%- endif %}
+                {%- else %}
+                    {{- '\n<tool_call>\n<function=' + tool_call.name + '>\n' }}
+                {%- endif %}
+                {%- if tool_call.arguments is defined %}
+                    {%- for args_name, args_value in tool_call.arguments|items %}
+                        {{- '<parameter=' + args_name + '>\n' }}
+                        {%- set args_value = args_value | tojson | safe if args_value is mapping or (args_value is sequence and args_value is not string) else args_value | string %}
+                        {{- args_value }}
+                        {{- '\n</parameter>\n' }}
+                    {%- endfor %}
+                {%- endif %}
+                {{- '</function>\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.previtem and loop.previtem.role != "tool" %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- content }}
+        {{- '\n</tool_response>' }}
+        {%- if not loop.last and loop.nextitem.role != "tool" %}
+            {{- '<|im_end|>\n' }}
+        {%- elif loop.last %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- else %}
+        {{- raise_exception('Unexpected message role.') }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- else %}
+        {{- '<think>\n' }}
+    {%- endif %}
+{%- endif %}"""
+# Qwen/Qwen3.5-0.8B, 2B, 4B: the same template but for its last lines, which answer without thinking by default
+QWEN35_SMALL = QWEN35.replace(
+    "{%- if enable_thinking is defined and enable_thinking is false %}\n        {{- '<think>\\n\\n</think>\\n\\n' }}\n"
+    "    {%- else %}\n        {{- '<think>\\n' }}\n",
+    "{%- if enable_thinking is defined and enable_thinking is true %}\n        {{- '<think>\\n' }}\n"
+    "    {%- else %}\n        {{- '<think>\\n\\n</think>\\n\\n' }}\n")
+
 # meta-llama/Llama-3.1-8B-Instruct
 LLAMA31 = r"""{{- bos_token }}
 {%- if custom_tools is defined %}
@@ -309,6 +472,8 @@ CASES = {
     "llama3.1": (LLAMA31, "<|begin_of_text|>", "<|eot_id|>", "llama3", {"preamble": L31_PREAMBLE}, "<|begin_of_text|>"),
     "zephyr": (ZEPHYR, "<s>", "</s>", "zephyr", {"eos": "</s>", "sep": ""}, ""),
     "mistral": (MISTRAL, "<s>", "</s>", "mistral-instruct", {"eos": "</s>", "sep": ""}, "<s>"),
+    "qwen3.5": (QWEN35, None, "<|im_end|>", "qwen3.5", {"thinking": True}, ""),
+    "qwen3.5-small": (QWEN35_SMALL, None, "<|im_end|>", "qwen3.5", {"thinking": False}, ""),
 }
 
 # Conversations for the Go-vs-HF comparison: the matcher's probes plus a few more.
@@ -320,8 +485,10 @@ CONVERSATIONS = [list(p) for p in PROBES] + [
 ]
 
 
-def hf_render(jinja_source: str, messages, bos_token, eos_token) -> str:
-    """Render as transformers' apply_chat_template(tokenize=False, add_generation_prompt=True) does."""
+def hf_render(jinja_source: str, messages, bos_token, eos_token, enable_thinking: bool | None = None) -> str:
+    """Render as transformers' apply_chat_template(tokenize=False, add_generation_prompt=True) does.
+
+    Messages are in Ollama's form: a message's `thinking` goes to the template as `reasoning_content`."""
 
     def raise_exception(msg):
         raise jinja2.exceptions.TemplateError(msg)
@@ -329,8 +496,10 @@ def hf_render(jinja_source: str, messages, bos_token, eos_token) -> str:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
     env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+    messages = [{("reasoning_content" if k == "thinking" else k): v for k, v in m.items()} for m in messages]
+    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     return env.from_string(jinja_source).render(
-        messages=messages, add_generation_prompt=True, bos_token=bos_token or "", eos_token=eos_token or "")
+        messages=messages, add_generation_prompt=True, bos_token=bos_token or "", eos_token=eos_token or "", **extra)
 
 
 # ----------------------------------------------------------------------------- Go renderer
@@ -358,9 +527,10 @@ def go_render(tmp_path_factory):
                           timeout=300)
     assert proc.returncode == 0, f"go build failed:\n{proc.stderr}"
 
-    def render(template: str, messages) -> str:
-        p = subprocess.run([str(exe)], input=json.dumps({"template": template, "messages": messages}).encode(),
-                           capture_output=True, timeout=60)
+    def render(template: str, messages, think: bool | None = None) -> str:
+        """`think`: the request's think setting (None: not set, as when a client leaves it out)."""
+        request = {"template": template, "messages": messages, **({} if think is None else {"think": think})}
+        p = subprocess.run([str(exe)], input=json.dumps(request).encode(), capture_output=True, timeout=60)
         assert p.returncode == 0, p.stderr.decode()
         return p.stdout.decode("utf-8")
 
@@ -689,3 +859,91 @@ def test_weird_default_system_round_trips(tmp_path, go_render):
 def test_families_table_is_consistent():
     names = [f.name for f in FAMILIES]
     assert len(names) == len(set(names)) and {"chatml", "llama3"} <= set(names)
+
+
+# ----------------------------------------------------------------------------- Qwen3.5: the thinking block
+
+# Ollama-form conversations (`thinking` = HF's reasoning_content): reasoning shows on assistant turns after
+# the last user turn and is dropped before it.
+THINK_CONVERSATIONS = [list(msgs) for msgs, _ in THINK_PROBES] + [
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Plan a trip"},
+     {"role": "assistant", "content": "Step 1:\n- pack", "thinking": "List the steps.\n\nThen pack."}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "thinking": "before the last user turn"},
+     {"role": "user", "content": "c"}],
+]
+
+
+@pytest.mark.parametrize("think", [None, True, False])
+@pytest.mark.parametrize("name", ["qwen3.5", "qwen3.5-small"])
+def test_qwen35_thinking_renders_like_hf(name, think, go_render):
+    """Reasoning (Ollama's `thinking`) and the think setting (Ollama's think, HF's enable_thinking; None: unset)
+    render in Go exactly as the HF template renders them, and the Python twin agrees."""
+    jinja_src, bos, eos, *_ = CASES[name]
+    m = match_chat_template(jinja_src, bos, eos)
+    tmpl = m.go_template()
+    for conv in THINK_CONVERSATIONS:
+        expected = hf_render(jinja_src, conv, bos, eos, enable_thinking=think)
+        assert go_render(tmpl, conv, think) == expected, conv
+        assert m.render(conv, think=think) == expected, conv
+    shown = hf_render(jinja_src, THINK_CONVERSATIONS[0], bos, eos, enable_thinking=think)
+    assert "<|im_start|>assistant\n<think>\nTwo and two make four.\n</think>\n\n4<|im_end|>\n" in shown
+    assert "before the last user turn" not in hf_render(jinja_src, THINK_CONVERSATIONS[-1], bos, eos)
+
+
+def test_qwen35_generation_prompt_stops_and_notes():
+    conv = [{"role": "user", "content": "Hi"}]
+    big, small = (match_chat_template(t, None, "<|im_end|>") for t in (QWEN35, QWEN35_SMALL))
+    assert big.render(conv) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    assert small.render(conv) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert small.stops == ("<|im_end|>", "<|im_start|>") and small.default_system is None
+    assert any("trims" in n and "thinking" in n for n in small.notes)
+
+
+def test_think_probes_reject_a_lookalike():
+    """A template equal to Qwen3.5 on the plain probes but showing no reasoning is not taken for it."""
+    shown = "'\\n<think>\\n' + reasoning_content + '\\n</think>\\n\\n' + content"
+    assert shown in QWEN35
+    assert match_chat_template(QWEN35.replace(shown, "'\\n' + content"), None, "<|im_end|>") is None
+
+
+def test_generate_chat_renders_qwen35_as_transformers():
+    """`kiln generate --chat` renders the artifact's own template (kiln.runtime.chat): Qwen3.5's macros run in
+    the sandbox, its thinking default holds, and enable_thinking, when given, switches it as in transformers."""
+    conv = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]
+    head = "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert render_chat(QWEN35_SMALL, conv) == head + "<think>\n\n</think>\n\n"
+    assert render_chat(QWEN35_SMALL, conv, enable_thinking=True) == head + "<think>\n"
+    assert render_chat(QWEN35, conv) == head + "<think>\n"
+    for tmpl in (QWEN35, QWEN35_SMALL):
+        for think in (None, True, False):
+            assert render_chat(tmpl, conv, enable_thinking=think) == hf_render(tmpl, conv, None, None, think)
+
+
+def test_tiny_qwen3_5_gguf_gets_the_qwen35_template(tmp_path, go_render):
+    """The tiny Qwen3.5 fixture (which ships plain ChatML) given Qwen3.5-0.8B's template and exported to GGUF:
+    its Modelfile carries the qwen3.5 TEMPLATE, which renders in Go like the GGUF's Jinja template, and the
+    prompt `kiln generate --chat` builds is that template's rendering (no thinking, the 0.8B default)."""
+    for mod in ("llama_cpp", "torch", "transformers"):
+        pytest.importorskip(mod)
+    from kiln.fixtures import build
+    from kiln.formats import open_engine
+    from kiln.pipeline import export_gguf_artifact
+    from kiln.runtime.generate import prompt_ids
+
+    src = shutil.copytree(build("tiny-qwen3_5", progress=False), tmp_path / "src",
+                          ignore=shutil.ignore_patterns(".kiln-*"))
+    config = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (src / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": QWEN35_SMALL}), encoding="utf-8")
+    gguf_path = tmp_path / "q35.f32.gguf"
+    export_gguf_artifact(src, gguf_path, "f32", verify=False, modelfile=True)
+
+    parsed = parse_modelfile((tmp_path / "q35.f32.Modelfile").read_text(encoding="utf-8"))
+    assert parsed["template"] == [match_chat_template(QWEN35_SMALL, None, "<|im_end|>").go_template()]
+    assert parsed["stop"][:2] == ["<|im_end|>", "<|im_start|>"]
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    expected = hf_render(QWEN35_SMALL, conv, None, "<|im_end|>")
+    assert expected.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert go_render(parsed["template"][0], conv) == expected
+    with open_engine(gguf_path) as engine:
+        assert engine.chat_template == QWEN35_SMALL
+        assert prompt_ids(engine, "Hi", chat=True, system="Be brief.") == engine.tokenize(expected)

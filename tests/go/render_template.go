@@ -2,7 +2,8 @@
 // tests can check a Modelfile's Go template against the HF Jinja template without an
 // Ollama server (none can be installed here).
 //
-// stdin:  {"template": "...", "messages": [{"role": "...", "content": "..."}, ...]}
+// stdin:  {"template": "...", "messages": [{"role": "...", "content": "...", "thinking": "..."}, ...], "think": true}
+// ("think" is optional: the request's think setting, true or false; absent = not set)
 // stdout: the rendered prompt, byte for byte.
 //
 // Semantics mirrored from ollama/ollama template/template.go (written independently):
@@ -12,6 +13,7 @@
 //     .System is all system contents joined with "\n\n";
 //   - a template that mentions .Messages (or .Document) runs once with
 //     {System, Messages, Tools, Response: "", Think, IsThinkSet, ...}; .Prompt is not set;
+//     Think is the request's think value and IsThinkSet whether the request gave one;
 //   - any other template runs once per user turn with {System, Prompt, Response}, and the
 //     last run is cut right after {{ .Response }} (a template naming neither .Messages nor
 //     .Response gets {{ .Response }} appended at parse time).
@@ -50,6 +52,7 @@ type Message struct {
 type request struct {
 	Template string    `json:"template"`
 	Messages []Message `json:"messages"`
+	Think    *bool     `json:"think"`
 }
 
 var funcs = template.FuncMap{
@@ -214,7 +217,7 @@ func cutAfterResponse(root *parse.ListNode) *parse.ListNode {
 	return prune(root.CopyList()).(*parse.ListNode)
 }
 
-func render(w io.Writer, src string, msgs []Message) error {
+func render(w io.Writer, src string, msgs []Message, think *bool) error {
 	tmpl, err := template.New("").Option("missingkey=zero").Funcs(funcs).Parse(src)
 	if err != nil {
 		return err
@@ -231,17 +234,19 @@ func render(w io.Writer, src string, msgs []Message) error {
 	}
 
 	system, collated := collate(msgs)
+	thinkOn, thinkSet := think != nil && *think, think != nil
 	if v["messages"] || v["document"] {
 		return tmpl.Execute(w, map[string]any{
 			"System": system, "Messages": collated, "Tools": nil, "Response": "",
-			"Think": false, "IsThinkSet": false, "Query": "", "Document": "", "Instruction": "",
+			"Think": thinkOn, "IsThinkSet": thinkSet, "Query": "", "Document": "", "Instruction": "",
 		})
 	}
 
 	var b bytes.Buffer
 	var sys, prompt, response string
 	values := func() map[string]any {
-		return map[string]any{"System": sys, "Prompt": prompt, "Response": response, "Think": false, "IsThinkSet": false}
+		return map[string]any{"System": sys, "Prompt": prompt, "Response": response, "Think": thinkOn,
+			"IsThinkSet": thinkSet}
 	}
 	flush := func() error {
 		if err := tmpl.Execute(&b, values()); err != nil {
@@ -288,7 +293,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "render_template: bad input JSON:", err)
 		os.Exit(2)
 	}
-	if err := render(os.Stdout, req.Template, req.Messages); err != nil {
+	if err := render(os.Stdout, req.Template, req.Messages, req.Think); err != nil {
 		fmt.Fprintln(os.Stderr, "render_template:", err)
 		os.Exit(1)
 	}

@@ -10,7 +10,8 @@ on every probe. Each family carries:
 
 * a Go ``text/template`` for Ollama (the ``.Messages`` form, which Ollama executes
   once over the whole conversation), parameterised where models differ
-  (ChatML's default system prompt, Llama-3.1's system preamble, the eos string);
+  (ChatML's default system prompt, Llama-3.1's system preamble, the eos string,
+  Qwen3.5's thinking default);
 * a Python twin that produces byte-for-byte what Ollama's Go execution of that
   template produces (including Ollama's merging of consecutive same-role
   messages), so the match can be checked at export time without Go;
@@ -19,6 +20,11 @@ on every probe. Each family carries:
 The Python twins render from the point of view of Ollama, not of HF: where the
 two disagree (HF templates that ``trim`` message content, which Go templates
 cannot do) the probes avoid the difference and the match carries a note.
+
+Reasoning models: an Ollama message's ``thinking`` is HF's ``reasoning_content``,
+and Ollama's request-level ``think`` (``.Think``/``.IsThinkSet``) is HF's
+``enable_thinking`` (unset in both unless the caller sets it). Families that render
+a thinking block are also checked on `THINK_PROBES`, which carry both.
 """
 
 from __future__ import annotations
@@ -77,12 +83,26 @@ def compile_hf_template(jinja_source: str) -> jinja2.Template:
 
 
 def render_hf(template: jinja2.Template, messages: Sequence[Message], bos_token: str | None,
-              eos_token: str | None) -> str:
-    """Render like ``tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``."""
+              eos_token: str | None, enable_thinking: bool | None = None) -> str:
+    """Render like ``tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``.
+
+    `enable_thinking` is passed only when set: templates test ``enable_thinking is defined``."""
+    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     return template.render(
         messages=[dict(m) for m in messages], add_generation_prompt=True,
-        bos_token=bos_token or "", eos_token=eos_token or "",
+        bos_token=bos_token or "", eos_token=eos_token or "", **extra,
     )
+
+
+def to_hf(messages: Sequence[Message]) -> list[dict[str, str]]:
+    """Ollama messages as HF templates read them: ``thinking`` becomes ``reasoning_content``."""
+    out = []
+    for m in messages:
+        d = {k: v for k, v in m.items() if k != "thinking"}
+        if "thinking" in m:
+            d["reasoning_content"] = m["thinking"]
+        out.append(d)
+    return out
 
 
 # --------------------------------------------------------------------------- Ollama semantics
@@ -90,7 +110,8 @@ def render_hf(template: jinja2.Template, messages: Sequence[Message], bos_token:
 
 def collate(messages: Sequence[Message]) -> tuple[str, list[dict[str, str]]]:
     """Ollama's pre-processing: ``.System`` is all system contents joined by a blank line, and
-    consecutive messages of the same role (except tool) are merged with a blank line."""
+    consecutive messages of the same role (except tool) are merged with a blank line (only the
+    contents: a merged message keeps the first one's ``thinking``)."""
     systems: list[str] = []
     out: list[dict[str, str]] = []
     for m in messages:
@@ -100,7 +121,7 @@ def collate(messages: Sequence[Message]) -> tuple[str, list[dict[str, str]]]:
         if out and out[-1]["role"] == role and role != "tool":
             out[-1]["content"] += "\n\n" + content
         else:
-            out.append({"role": role, "content": content})
+            out.append({"role": role, "content": content, "thinking": m.get("thinking", "")})
     return "\n\n".join(systems), out
 
 
@@ -141,14 +162,19 @@ def go_text(text: str) -> str:
 
 @dataclass(frozen=True)
 class Family:
-    """One chat format. ``candidates`` guesses parameters from probe renders of the HF template."""
+    """One chat format. ``candidates`` guesses parameters from probe renders of the HF template.
+
+    ``render_body(system, messages, params, think)`` gets Ollama's request-level ``think`` (None:
+    not set); ``thinking`` says the family renders reasoning, so matches are also held to `THINK_PROBES`.
+    """
 
     name: str
     go_body: Callable[[Params], str]
-    render_body: Callable[[str, list[dict[str, str]], Params], str]
+    render_body: Callable[[str, list[dict[str, str]], Params, bool | None], str]
     stops: Callable[[Params], tuple[str, ...]]
     candidates: Callable[[Callable[[Sequence[Message]], str], str, str | None], list[dict[str, Any]]]
     note: str = ""
+    thinking: bool = False
 
 
 def _first_is_system(msgs: list[dict[str, str]]) -> bool:
@@ -165,7 +191,7 @@ def _chatml_go(p: Params) -> str:
             "{{ end }}<|im_start|>assistant\n")
 
 
-def _chatml_render(system: str, msgs: list[dict[str, str]], p: Params) -> str:
+def _chatml_render(system: str, msgs: list[dict[str, str]], p: Params, think: bool | None) -> str:
     out = ""
     if p["default_system"] is not None and not _first_is_system(msgs):
         out += f"<|im_start|>system\n{p['default_system']}<|im_end|>\n"
@@ -194,7 +220,7 @@ def _llama3_go(p: Params) -> str:
             '{{- range $i, $m := .Messages }}{{ if or $i (ne .Role "system") }}' + _L3_TURN + "{{ end }}" + _L3_GEN)
 
 
-def _llama3_render(system: str, msgs: list[dict[str, str]], p: Params) -> str:
+def _llama3_render(system: str, msgs: list[dict[str, str]], p: Params, think: bool | None) -> str:
     out = ""
     if p["preamble"] is not None:
         sys_text = msgs[0]["content"] if _first_is_system(msgs) else ""
@@ -220,7 +246,7 @@ def _zephyr_go(p: Params) -> str:
             + "\n{{ end }}<|assistant|>\n")
 
 
-def _zephyr_render(system: str, msgs: list[dict[str, str]], p: Params) -> str:
+def _zephyr_render(system: str, msgs: list[dict[str, str]], p: Params, think: bool | None) -> str:
     return "".join(f"<|{m['role']}|>\n{m['content']}{p['eos']}\n" for m in msgs) + "<|assistant|>\n"
 
 
@@ -231,7 +257,7 @@ def _mistral_go(p: Params) -> str:
             '{{ else if eq .Role "assistant" }}{{ .Content }}' + go_text(p["eos"] + p["sep"]) + "{{ end }}{{ end }}")
 
 
-def _mistral_render(system: str, msgs: list[dict[str, str]], p: Params) -> str:
+def _mistral_render(system: str, msgs: list[dict[str, str]], p: Params, think: bool | None) -> str:
     out, sys_left = "", system
     for m in msgs:
         if m["role"] == "user":
@@ -243,6 +269,41 @@ def _mistral_render(system: str, msgs: list[dict[str, str]], p: Params) -> str:
         elif m["role"] == "assistant":
             out += m["content"] + p["eos"] + p["sep"]
     return out
+
+
+# Qwen3.5 (ChatML turns, a <think> block on assistant turns after the last user turn, and a generation
+# prompt that opens a thinking block (27B and up) or closes an empty one (small ones: 0.8B, 2B, 4B) unless
+# enable_thinking says otherwise) -----------------------------------------------------------------
+_THINK_OPEN = "<think>\n"
+_THINK_SKIP = "<think>\n\n</think>\n\n"
+
+
+def _qwen35_go(p: Params) -> str:
+    default = _THINK_OPEN if p["thinking"] else _THINK_SKIP
+    return ('{{ $lastUser := -1 }}{{ range $i, $m := .Messages }}{{ if eq .Role "user" }}{{ $lastUser = $i }}'
+            "{{ end }}{{ end }}"
+            "{{ range $i, $m := .Messages }}<|im_start|>{{ .Role }}\n"
+            '{{ if and (eq .Role "assistant") (gt $i $lastUser) }}<think>\n{{ .Thinking }}\n</think>\n\n{{ end }}'
+            "{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+            "{{ if .IsThinkSet }}{{ if .Think }}" + _THINK_OPEN + "{{ else }}" + _THINK_SKIP + "{{ end }}"
+            "{{ else }}" + default + "{{ end }}")
+
+
+def _qwen35_render(system: str, msgs: list[dict[str, str]], p: Params, think: bool | None) -> str:
+    last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=-1)
+    out = ""
+    for i, m in enumerate(msgs):
+        out += f"<|im_start|>{m['role']}\n"
+        if m["role"] == "assistant" and i > last_user:
+            out += f"<think>\n{m['thinking']}\n</think>\n\n"
+        out += f"{m['content']}<|im_end|>\n"
+    opened = p["thinking"] if think is None else think
+    return out + "<|im_start|>assistant\n" + (_THINK_OPEN if opened else _THINK_SKIP)
+
+
+def _qwen35_candidates(hf: Callable[[Sequence[Message]], str], lead: str, eos: str | None) -> list[dict[str, Any]]:
+    out = hf([{"role": "user", "content": "Hi"}])[len(lead):]
+    return [{"thinking": out.endswith(_THINK_OPEN)}] if out.endswith((_THINK_OPEN, _THINK_SKIP)) else []
 
 
 def _eos_candidates(seps: tuple[str, ...]) -> Callable[..., list[dict[str, Any]]]:
@@ -261,6 +322,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("mistral-instruct", _mistral_go, _mistral_render,
            lambda p: (p["eos"], "[INST]", "[/INST]"), _eos_candidates(("", " ")),
            note="the HF template rejects system messages; Ollama puts the system text before the first user turn"),
+    Family("qwen3.5", _qwen35_go, _qwen35_render, lambda p: ("<|im_end|>", "<|im_start|>"), _qwen35_candidates,
+           note="the HF template trims whitespace around each message and splits <think>...</think> out of assistant "
+                "content; Ollama's Go template does neither (Ollama passes reasoning as a message's thinking)",
+           thinking=True),
 )
 
 
@@ -284,6 +349,18 @@ PROBES: tuple[tuple[Message, ...], ...] = (
 )
 _SOFT_PROBES: tuple[tuple[Message, ...], ...] = (
     ({"role": "user", "content": "  padded \n"},),
+)
+# For families with a thinking block: Ollama-form conversations (``thinking`` = HF's reasoning_content)
+# and the request's think / enable_thinking (None: unset). Reasoning shows only after the last user turn.
+THINK_PROBES: tuple[tuple[tuple[Message, ...], bool | None], ...] = (
+    (({"role": "user", "content": "What is 2+2?"},
+      {"role": "assistant", "content": "4", "thinking": "Two and two make four."}), None),
+    (({"role": "user", "content": "Hi"},), True),
+    (({"role": "user", "content": "Hi"},), False),
+    (({"role": "system", "content": "S"}, {"role": "user", "content": "u1"},
+      {"role": "assistant", "content": "a1", "thinking": "t1"}, {"role": "user", "content": "u2"},
+      {"role": "assistant", "content": "a2", "thinking": "t2"}), None),
+    (({"role": "user", "content": "u"}, {"role": "assistant", "content": "no reasoning"}), False),
 )
 
 
@@ -312,10 +389,11 @@ class TemplateMatch:
         """The Ollama TEMPLATE. Leave the bos text out when the runtime adds bos itself (add_bos_token)."""
         return (go_text(self.bos_prefix) if include_bos else "") + self._family.go_body(self.params)
 
-    def render(self, messages: Sequence[Message], include_bos: bool = True) -> str:
-        """Python twin: exactly what Ollama's Go execution of ``go_template(include_bos)`` produces."""
+    def render(self, messages: Sequence[Message], include_bos: bool = True, think: bool | None = None) -> str:
+        """Python twin: exactly what Ollama's Go execution of ``go_template(include_bos)`` produces
+        (`think`: the request's think setting, None when unset)."""
         system, msgs = collate(messages)
-        return (self.bos_prefix if include_bos else "") + self._family.render_body(system, msgs, self.params)
+        return (self.bos_prefix if include_bos else "") + self._family.render_body(system, msgs, self.params, think)
 
 
 def match_chat_template_with_reason(jinja_source: str, bos_token: str | None,
@@ -326,8 +404,8 @@ def match_chat_template_with_reason(jinja_source: str, bos_token: str | None,
     except jinja2.TemplateError as exc:
         return None, f"chat template does not compile: {exc}"
 
-    def hf(msgs: Sequence[Message]) -> str:
-        return render_hf(tmpl, msgs, bos_token, eos_token)
+    def hf(msgs: Sequence[Message], enable_thinking: bool | None = None) -> str:
+        return render_hf(tmpl, to_hf(msgs), bos_token, eos_token, enable_thinking)
 
     renders: list[tuple[tuple[Message, ...], str]] = []
     for probe in PROBES:
@@ -346,9 +424,18 @@ def match_chat_template_with_reason(jinja_source: str, bos_token: str | None,
                 continue
             for params in cands:
                 m = TemplateMatch(fam.name, params, lead)
-                if all(m.render(probe) == out for probe, out in renders):
+                if all(m.render(probe) == out for probe, out in renders) and (
+                        not fam.thinking or _renders_thinking_like_hf(m, hf)):
                     return _with_notes(m, hf, len(renders)), ""
-    return None, "chat template matches no known family (chatml, llama3, zephyr, mistral-instruct)"
+    return None, f"chat template matches no known family ({', '.join(f.name for f in FAMILIES)})"
+
+
+def _renders_thinking_like_hf(m: TemplateMatch, hf: Callable[..., str]) -> bool:
+    """Every THINK_PROBES conversation renders as the HF template does with the same reasoning and setting."""
+    try:
+        return all(m.render(msgs, think=think) == hf(msgs, think) for msgs, think in THINK_PROBES)
+    except Exception:  # the HF template rejects a probe: it is not this family
+        return False
 
 
 def _with_notes(m: TemplateMatch, hf: Callable[[Sequence[Message]], str], n_ok: int) -> TemplateMatch:
