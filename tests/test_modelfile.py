@@ -947,3 +947,12 @@ def test_tiny_qwen3_5_gguf_gets_the_qwen35_template(tmp_path, go_render):
     with open_engine(gguf_path) as engine:
         assert engine.chat_template == QWEN35_SMALL
         assert prompt_ids(engine, "Hi", chat=True, system="Be brief.") == engine.tokenize(expected)
+        thinking = hf_render(QWEN35_SMALL, conv, None, "<|im_end|>", True)
+        assert thinking.endswith("<|im_start|>assistant\n<think>\n")
+        assert prompt_ids(engine, "Hi", chat=True, system="Be brief.", thinking=True) == engine.tokenize(thinking)
+    # the CLI: --think switches it on; without --chat it has nothing to act on
+    from kiln_cli import kiln, one_line_error
+
+    proc = kiln("generate", gguf_path, "--chat", "--think", "--prompt", "Hi", "--max-tokens", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    one_line_error(kiln("generate", gguf_path, "--think", "--prompt", "Hi", "--max-tokens", "2"), "--chat")

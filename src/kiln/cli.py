@@ -395,6 +395,9 @@ def imatrix_cmd(src: Path, calib: Path | None, out: Path, ctx: int, chunks: int 
                    "(one population each, one engine step for all); without SMC one after another.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt with the artifact's chat template.")
 @click.option("--system", help="System message (with --chat).")
+@click.option("--think/--no-think", "thinking", default=None,
+              help="With --chat: turn a reasoning template's thinking block on or off (Qwen3, Qwen3.5: "
+                   "enable_thinking) [default: the template's own].")
 @click.option("--max-tokens", type=int, default=128, show_default=True)
 @click.option("--temperature", type=float, default=None,
               help="0 = greedy (plain generation, the default there); with SMC the target is the model at this "
@@ -416,7 +419,8 @@ def imatrix_cmd(src: Path, calib: Path | None, out: Path, ctx: int, chunks: int 
 @click.option("--threads", type=int, default=0)
 @click.option("--ctx", type=int, default=None, help="Context to allocate (default: what the run needs, or 4096).")
 @click.option("--json", "as_json", is_flag=True)
-def generate(artifact: Path, prompts: tuple[str, ...], chat: bool, system: str | None, max_tokens: int,
+def generate(artifact: Path, prompts: tuple[str, ...], chat: bool, system: str | None, thinking: bool | None,
+             max_tokens: int,
              temperature: float | None, seed: int | None, particles: int | None, regex: str | None,
              json_schema: str | None, grammar: str | None, potentials: tuple[str, ...], ess_threshold: float,
              resampling: str, timeout: float | None, no_cache: bool, threads: int, ctx: int | None,
@@ -440,16 +444,20 @@ def generate(artifact: Path, prompts: tuple[str, ...], chat: bool, system: str |
     Examples:
       kiln generate smol.q4_k_m.gguf --chat --prompt "What is the capital of France?"
       kiln generate smol.q8_0.gguf --prompt "Once upon a time" --temperature 0.8 --seed 1
+      kiln generate qwen3.5-0.8b.q8_0.gguf --chat --think --prompt "Is 391 prime?" --max-tokens 512
       kiln generate smol-int4/ --chat --prompt "What is the capital of France?"   # an ONNX directory
       kiln generate smol.q4_k_m.gguf --chat --prompt "Name a colour." -n 16 --regex " ?[A-Z][a-z]+\\." --seed 0
       kiln generate smol.q4_k_m.gguf --prompt "Person:" -n 8 --json-schema person.json --max-tokens 60
       kiln generate smol.q4_k_m.gguf --prompt "Dear Sir," -n 16 --potential style:formal --potential sentence
       kiln generate smol.q4_k_m.gguf --chat --prompt "Is ice cold?" --prompt "Is fire cold?" -n 8 --regex "(Yes|No)\\."
     """
+    if thinking is not None and not chat:
+        raise KilnError("--think/--no-think set a chat template's thinking block: use them with --chat")
     steered = particles is not None or regex is not None or json_schema is not None or grammar is not None \
         or bool(potentials)
     if not steered:
-        _plain_generate(artifact, list(prompts), chat, system, max_tokens, temperature, seed, threads, ctx, as_json)
+        _plain_generate(artifact, list(prompts), chat, system, thinking, max_tokens, temperature, seed, threads, ctx,
+                        as_json)
         return
     from kiln.runtime.steering import Constraints, SteerOptions, steer_prompts
 
@@ -461,7 +469,7 @@ def generate(artifact: Path, prompts: tuple[str, ...], chat: bool, system: str |
     constraints = Constraints(regex=regex, json_schema=json_schema, grammar=grammar, specs=list(potentials))
     with _smc_display(not as_json, n, len(prompts)) as on_step:
         outs = steer_prompts(artifact, prompts, steer_options, constraints, chat=chat, system=system,
-                             threads=threads or None, n_ctx=ctx, use_cache=not no_cache, on_step=on_step)
+                             thinking=thinking, threads=threads or None, n_ctx=ctx, use_cache=not no_cache, on_step=on_step)
     if as_json:
         emit_json(outs[0] if len(prompts) == 1 else outs)
     elif len(prompts) == 1:
@@ -474,7 +482,8 @@ def generate(artifact: Path, prompts: tuple[str, ...], chat: bool, system: str |
         _print_steered_batch(outs, prompts, n)
 
 
-def _plain_generate(artifact: Path, prompts: list[str], chat: bool, system: str | None, max_tokens: int,
+def _plain_generate(artifact: Path, prompts: list[str], chat: bool, system: str | None, thinking: bool | None,
+                    max_tokens: int,
                     temperature: float | None, seed: int | None, threads: int, ctx: int | None,
                     as_json: bool) -> None:
     """Without SMC: each prompt in turn, streamed to stdout (under a header when there are several)."""
@@ -486,7 +495,7 @@ def _plain_generate(artifact: Path, prompts: list[str], chat: bool, system: str 
         if len(prompts) > 1:
             click.echo(_prompt_header(i, prompts))
 
-    outs = generate_prompts(artifact, prompts, chat=chat, system=system, max_tokens=max_tokens,
+    outs = generate_prompts(artifact, prompts, chat=chat, system=system, thinking=thinking, max_tokens=max_tokens,
                             temperature=temperature or 0.0, seed=seed, threads=threads or None, n_ctx=ctx,
                             on_prompt=None if as_json else start,
                             on_token=None if as_json else (lambda i, text: click.echo(text, nl=False)))

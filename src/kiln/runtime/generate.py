@@ -27,23 +27,25 @@ class Generation:
         return asdict(self)
 
 
-def chat_prompt(engine: Engine, messages: Sequence[dict[str, str]]) -> list[int]:
-    """Tokens of a chat prompt rendered with the artifact's template (bos handled once)."""
+def chat_prompt(engine: Engine, messages: Sequence[dict[str, str]], thinking: bool | None = None) -> list[int]:
+    """Tokens of a chat prompt rendered with the artifact's template (bos handled once). `thinking` sets a
+    reasoning template's `enable_thinking` (Qwen3, Qwen3.5); None leaves the template's own default."""
     if not engine.chat_template:
         raise KilnError("this artifact has no chat template; use a plain prompt")
     bos = engine.detokenize([engine.bos_id]) if engine.bos_id is not None else ""
-    text = render_chat(engine.chat_template, messages, bos_token=bos)
+    text = render_chat(engine.chat_template, messages, bos_token=bos, enable_thinking=thinking)
     if engine.add_bos and bos and text.startswith(bos):
         text = text[len(bos):]  # the tokenizer adds it
     return engine.tokenize(text, add_special=True, parse_special=True)
 
 
-def prompt_ids(engine: Engine, prompt: str, *, chat: bool = False, system: str | None = None) -> list[int]:
+def prompt_ids(engine: Engine, prompt: str, *, chat: bool = False, system: str | None = None,
+               thinking: bool | None = None) -> list[int]:
     """Token ids of a prompt: the text as is, or (chat) a user message, after an optional system
     message, rendered with the artifact's own chat template."""
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return chat_prompt(engine, messages)
+        return chat_prompt(engine, messages, thinking)
     return engine.tokenize(prompt)
 
 
@@ -82,7 +84,7 @@ def generate(engine: Engine, prompt: Sequence[int], max_tokens: int = 128, tempe
 
 
 def generate_prompts(artifact: str | Path, prompts: Sequence[str], *, chat: bool = False, system: str | None = None,
-                     max_tokens: int = 128, temperature: float = 0.0, seed: int | None = None,
+                     thinking: bool | None = None, max_tokens: int = 128, temperature: float = 0.0, seed: int | None = None,
                      threads: int | None = None, n_ctx: int | None = None,
                      on_prompt: Callable[[int], None] | None = None,
                      on_token: Callable[[int, str], None] | None = None) -> list[dict[str, Any]]:
@@ -99,7 +101,7 @@ def generate_prompts(artifact: str | Path, prompts: Sequence[str], *, chat: bool
         for i, prompt in enumerate(prompts):
             if on_prompt is not None:
                 on_prompt(i)
-            ids = prompt_ids(engine, prompt, chat=chat, system=system)
+            ids = prompt_ids(engine, prompt, chat=chat, system=system, thinking=thinking)
             stream = None if on_token is None else (lambda t, i=i: on_token(i, engine.detokenize([t])))
             outs.append(generate(engine, ids, max_tokens=max_tokens, temperature=temperature, seed=seed,
                                  on_token=stream).to_json())

@@ -201,7 +201,7 @@ def prompt_bound(prompt: str, chat: bool = False, system: str | None = None) -> 
 
 def steer_prompts(artifact: str | Path, prompts: str | Sequence[str], options: SteerOptions,
                   constraints: Constraints | None = None, *, chat: bool = False, system: str | None = None,
-                  threads: int | None = None, n_ctx: int | None = None, use_cache: bool = True,
+                  thinking: bool | None = None, threads: int | None = None, n_ctx: int | None = None, use_cache: bool = True,
                   on_step: Callable[[StepInfo], Any] | None = None) -> list[dict[str, Any]]:
     """SMC steering of the artifact at `artifact` (a .gguf file or an ONNX directory) for one or
     several text prompts: what `kiln generate --particles N` does, as one call.
@@ -209,7 +209,8 @@ def steer_prompts(artifact: str | Path, prompts: str | Sequence[str], options: S
     * The engine is opened with the n_ctx and n_seq_max the run needs for its format (llama.cpp's
       one KV pool holds every prompt once plus every particle's tail; an ONNX row holds the longest
       prompt plus one tail); `n_ctx` overrides the context, `threads` the engine's threads.
-    * `chat`: each prompt is a user message (after `system`, if given) in the artifact's chat template.
+    * `chat`: each prompt is a user message (after `system`, if given) in the artifact's chat template;
+      `thinking` turns a reasoning template's thinking block on or off (None: the template's default).
     * One prompt runs through `steer`: a seeded run is cached on disk (`use_cache`) and `cached` says
       whether this result came from there. Several run together through `steer_batch` (never cached);
       prompt i's population and draw are seeded with `population_rng(seed, i)`.
@@ -230,7 +231,7 @@ def steer_prompts(artifact: str | Path, prompts: str | Sequence[str], options: S
     if n_ctx:
         sizes["n_ctx"] = n_ctx
     with fmt.open_engine(path, threads=threads, **sizes) as engine:
-        ids = [prompt_ids(engine, p, chat=chat, system=system) for p in texts]
+        ids = [prompt_ids(engine, p, chat=chat, system=system, thinking=thinking) for p in texts]
         if len(ids) == 1:
             from kiln.runtime.cache import artifact_hash
 
