@@ -12,6 +12,11 @@ What it runs (DESIGN.md §8, issue 7), all through `kiln.bench.run_bench` (the c
    q8_0, at 512 / 2048 / 8192 / 32768, anchors up to 2048 (filling 32K tokens twice more per type
    would double the run for a ratio the smaller contexts already show).
 4. Arbor-500M's native shapes (GPT-2 layout, 128k vocabulary), GGUF q4_k_m and q8_0, to 8192.
+5. Only with `--only qwen3.5` (or `--sections`), not in a plain run: Qwen3.5-0.8B's and Qwen3.5-2B's exact
+   shapes (Gated DeltaNet hybrids, random weights from the family's tensor table) and, beside them,
+   Qwen2.5-0.5B's shapes exported with YaRN x4 baked in (its native window is 32768; the bench skips a
+   context above an artifact's window, so 131072 needs that export), GGUF q8_0 and q4_k_m at
+   4096 / 32768 / 131072, anchors at 4096. Each 131072 row prefills 131072 tokens on 2 cores: hours per row.
 
 Artifacts are exported once (verified, as `kiln export` does) into $KILN_CACHE/bench-artifacts and
 reused. Results: docs/benchmarks/<name>.{json,md,png} and docs/benchmarks.md (committed).
@@ -23,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,7 +46,9 @@ def cache() -> Path:
     return Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "bench-artifacts"
 
 
-def artifact(src: Path, name: str, kind: str, quant: str, console: Console, verify: bool = True) -> Path:
+def artifact(src: Path, name: str, kind: str, quant: str, console: Console, verify: bool = True,
+             rope: dict | None = None) -> Path:
+    """`rope`: kiln export's RoPE options ({"rope_scaling": "yarn:4", "original_context": 32768}) for GGUF."""
     from kiln.pipeline import export_gguf_artifact, export_onnx_artifact
 
     out = cache() / (f"{name}.{quant}.gguf" if kind == "gguf" else f"{name}-{quant}")
@@ -48,7 +56,7 @@ def artifact(src: Path, name: str, kind: str, quant: str, console: Console, veri
         return out
     console.print(f"exporting {out.name} (once; cached in {out.parent})")
     if kind == "gguf":
-        export_gguf_artifact(src, out, quant, verify=verify, threads=2)
+        export_gguf_artifact(src, out, quant, verify=verify, threads=2, **(rope or {}))
     else:
         export_onnx_artifact(src, out, quant, verify=verify, threads=2)
     return out
@@ -106,39 +114,81 @@ def summary(reports: dict[str, dict]) -> list[str]:
 
 
 SECTIONS = ("smollm2", "smollm2-kv", "smollm2-particles", "qwen2.5-0.5b-shape", "arbor-500m-shape")
+# Sections a plain run (make bench) leaves out: selected with --only GROUP or --sections. Their 131072-token rows
+# take hours each on 2 cores.
+EXTRA_SECTIONS = ("qwen3.5-0.8b-shape", "qwen3.5-2b-shape", "qwen2.5-0.5b-shape-yarn4")
+GROUPS = {"qwen3.5": EXTRA_SECTIONS}
+QWEN35_CONTEXTS = (4096, 32768, 131072)
+QWEN35_ANCHOR_MAX = 4096  # the anchor fills the context a second time: at 131072 that is hours more per row
+LABELS = {
+    "qwen3.5-0.8b-shape": "Qwen3.5-0.8B shapes (Gated DeltaNet hybrid: 18 DeltaNet + 6 attention layers), cost only, "
+                          "random weights",
+    "qwen3.5-2b-shape": "Qwen3.5-2B shapes (Gated DeltaNet hybrid: 18 DeltaNet + 6 attention layers), cost only, "
+                        "random weights",
+    "qwen2.5-0.5b-shape-yarn4": "Qwen2.5-0.5B shapes with YaRN x4 baked in (native 32768, context 131072), cost only, "
+                                "random weights",
+}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x.strip().upper().replace("K", "")) * (1024 if x.strip().upper().endswith("K") else 1)
+            for x in text.split(",") if x.strip()]
+
+
+EXAMPLES = """example:
+  .venv/bin/python bench/contexts.py                 # every default section (about an hour here)
+  .venv/bin/python bench/contexts.py --sections arbor-500m-shape   # one section; docs/benchmarks.md is reassembled
+                                                     # from every section's JSON
+  .venv/bin/python bench/contexts.py --quick         # smollm2 q4_k_m only, 512/2048
+  .venv/bin/python bench/contexts.py --only qwen3.5  # Qwen3.5-0.8B/2B + Qwen2.5-0.5B YaRN x4 at 4K/32K/128K (many hours)
+  .venv/bin/python bench/contexts.py --only qwen3.5 --contexts 4096   # a short first pass
+  .venv/bin/python bench/contexts.py --docs-only     # reassemble docs/benchmarks.md, measure nothing
+"""
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="example:\n  .venv/bin/python bench/contexts.py            # everything (about an hour here)\n"
-                                        "  .venv/bin/python bench/contexts.py --sections arbor-500m-shape   # one section; "
-                                        "docs/benchmarks.md is reassembled from every section's JSON\n"
-                                        "  .venv/bin/python bench/contexts.py --quick    # smollm2 q4_k_m only, 512/2048\n")
+                                 epilog=EXAMPLES)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
     ap.add_argument("--quick", action="store_true", help="smollm2 q4_k_m at 512 and 2048 only (a smoke run)")
-    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated subset of {', '.join(SECTIONS + EXTRA_SECTIONS)}")
+    ap.add_argument("--only", choices=sorted(GROUPS),
+                    help="run only this group of sections (qwen3.5: " + ", ".join(GROUPS["qwen3.5"]) + ")")
+    ap.add_argument("--contexts", type=_ints, default=list(QWEN35_CONTEXTS), metavar="N,N,...",
+                    help="contexts of the qwen3.5 group's sections (default: %(default)s; 128K style accepted)")
+    ap.add_argument("--anchor-max-context", type=int, default=QWEN35_ANCHOR_MAX, metavar="N",
+                    help="qwen3.5 group: pair kiln with llama.cpp's own loop up to this context (default: %(default)s)")
+    ap.add_argument("--docs-only", action="store_true",
+                    help="measure nothing: reassemble docs/benchmarks.md from the sections' JSON and kiln plan")
     args = ap.parse_args()
     console = Console(stderr=True)
     from kiln.fixtures import build
 
     import shapes
 
-    smol = build("smollm2-135m", progress=False)
     t = args.threads
+    if args.docs_only:
+        write_docs(_reports(args.out), args.out)
+        console.print(f"wrote {args.out.parent / 'benchmarks.md'}")
+        return 0
     if args.quick:
+        smol = build("smollm2-135m", progress=False)
         q4 = artifact(smol, "smollm2-135m", "gguf", "q4_k_m", console)
         quick = run("quick", [q4], BenchOptions(contexts=[512, 2048], threads=t), args.out, console)
         print("\n".join(summary({"quick": quick})))
         return 0
-    wanted = [x.strip() for x in args.sections.split(",") if x.strip()]
-    bad = [x for x in wanted if x not in SECTIONS]
+    wanted = list(GROUPS[args.only]) if args.only else [x.strip() for x in args.sections.split(",") if x.strip()]
+    bad = [x for x in wanted if x not in SECTIONS + EXTRA_SECTIONS]
     if bad:
-        raise SystemExit(f"unknown section {bad[0]!r} (known: {', '.join(SECTIONS)})")
-    smol_arts = [artifact(smol, "smollm2-135m", "gguf", q, console) for q in ("f16", "q8_0", "q4_k_m")]
-    smol_arts += [artifact(smol, "smollm2-135m", "onnx", p, console) for p in ("int8", "int4")]
-    q4 = smol_arts[2]
+        raise SystemExit(f"unknown section {bad[0]!r} (known: {', '.join(SECTIONS + EXTRA_SECTIONS)})")
+    if any(x.startswith("smollm2") for x in wanted):
+        smol = build("smollm2-135m", progress=False)
+        smol_arts = [artifact(smol, "smollm2-135m", "gguf", q, console) for q in ("f16", "q8_0", "q4_k_m")]
+        smol_arts += [artifact(smol, "smollm2-135m", "onnx", p, console) for p in ("int8", "int4")]
+        q4 = smol_arts[2]
     if "smollm2" in wanted:
         run("smollm2", smol_arts, BenchOptions(contexts=[512, 2048, 8192], threads=t), args.out, console)
     if "smollm2-kv" in wanted:
@@ -161,11 +211,114 @@ def main() -> int:
         run("arbor-500m-shape", arts, BenchOptions(
             contexts=[512, 2048, 8192], threads=t, anchor_max_context=2048,
             label="Arbor-500M native shapes (GPT-2 layout), cost only, random weights"), args.out, console)
-    reports = {n: json.loads((args.out / f"{n}.json").read_text()) for n in SECTIONS
-               if (args.out / f"{n}.json").is_file()}
+    # Qwen3.5 beside Qwen2.5-0.5B at 4K / 32K / 128K: every artifact against llama.cpp's own loop on the same file
+    # (anchors up to --anchor-max-context), kiln plan's prediction on every measured row.
+    group = BenchOptions(contexts=sorted(args.contexts), threads=t, anchor_max_context=args.anchor_max_context)
+    for name in ("qwen3.5-0.8b-shape", "qwen3.5-2b-shape", "qwen2.5-0.5b-shape-yarn4"):
+        if name not in wanted:
+            continue
+        yarn = name.endswith("-yarn4")
+        src = shapes.build("qwen2.5-0.5b-shape" if yarn else name)
+        arts = [artifact(src, name, "gguf", q, console, rope=shapes.QWEN25_YARN if yarn else None)
+                for q in ("q8_0", "q4_k_m")]
+        run(name, arts, replace(group, label=LABELS[name]), args.out, console)
+    reports = _reports(args.out)
     write_docs(reports, args.out)
     print("\n".join(summary(reports)))
     return 0
+
+
+def _reports(out: Path) -> dict[str, dict]:
+    return {n: json.loads((out / f"{n}.json").read_text()) for n in SECTIONS + EXTRA_SECTIONS
+            if (out / f"{n}.json").is_file()}
+
+
+# `kiln plan`'s predictions for the Qwen3.5 shapes beside Qwen2.5-0.5B (llama.cpp, KV f16, one sequence).
+PLAN_CONTEXTS = (4096, 32768, 131072, 262144)
+PLAN_QUANTS = ("q8_0", "q4_k_m")
+
+
+def plan_rows() -> list[dict]:
+    """kiln plan (kiln.bench.plan.plan, the code behind the command) on each shape's config.json at each of
+    PLAN_CONTEXTS, flash attention off and on: predicted peak bytes, or None beyond the model's context."""
+    import tempfile
+
+    import shapes
+
+    from kiln.bench.geometry import hf_geometry
+    from kiln.bench.plan import plan
+
+    models = [("Qwen3.5-0.8B", shapes.QWEN35_08B), ("Qwen3.5-2B", shapes.QWEN35_2B),
+              # YaRN x4 (what kiln export --rope-scaling yarn:4 bakes in) is how it reaches 131072
+              ("Qwen2.5-0.5B (YaRN x4)", {**shapes.QWEN25_05B, "rope_scaling": {
+                  "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}})]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, config in models:
+            d = Path(tmp) / label.split()[0]
+            d.mkdir()
+            (d / "config.json").write_text(json.dumps(config))
+            geo = hf_geometry(config)
+            for fa in (False, True):
+                got = {q: {"model": label, "quant": q, "flash_attn": fa, "kv_per_token": geo.kv_bytes_per_token("f16"),
+                           "kv_layers": geo.kv_layers or geo.n_layers, "state_bytes": geo.state_bytes, "peaks": {}}
+                       for q in PLAN_QUANTS}
+                for ctx in PLAN_CONTEXTS:
+                    # a budget nothing reaches (1 TiB): each candidate's estimate is at `ctx`
+                    p = plan(d, 1 << 40, context=ctx, flash_attn=fa) if ctx <= geo.context_length else None
+                    for q, row in got.items():
+                        cand = next(c for c in p.candidates if c.quant == q) if p else None
+                        row["peaks"][ctx] = cand.estimate.total if cand else None
+                        if cand:
+                            row["weights"] = cand.weights
+                rows += got.values()
+    return rows
+
+
+def plan_section(measured: bool) -> list[str]:
+    rows = plan_rows()
+    lines = [
+        "## Qwen3.5 shapes (plan)",
+        "",
+        "**Predictions, not measurements**: `kiln plan`'s cost model (kiln.bench.cost_model) from each config.json "
+        "alone, for llama.cpp with an f16 KV cache and one sequence. Qwen3.5-0.8B and -2B are Gated DeltaNet "
+        "hybrids: only 6 of their 24 layers keep K and V (2 KV heads of 256: 12288 B per token, the same as "
+        "Qwen2.5-0.5B's 24 layers x 2 KV heads of 64), and each of the other 18 keeps a fixed float32 state per "
+        "sequence, 19.3 MiB in all at any context (counted 5 times: llama.cpp keeps one per sequence id, and kiln's "
+        "engine opens 4 prompt-cache ids beside the one sequence). The 2B's KV and state equal the 0.8B's; it costs "
+        "more only in "
+        "weights, which include the one multi-token-prediction block the published checkpoints carry (kiln writes it, "
+        "as llama.cpp's converter does; plain decoding never runs it). Qwen2.5-0.5B reaches 131072 only with YaRN x4 "
+        "baked into its export (native 32768), and not 262144 (–). "
+        "Without flash attention llama.cpp's attention-score buffer (512-token ubatch x context cells x (6 x heads "
+        "+ 2) B: 25 KiB per cell for Qwen3.5's 8 heads, 43 KiB for Qwen2.5's 14) outgrows the KV cache at long "
+        "contexts; with it on, only the mask grows (2 KiB per cell).",
+        "",
+        "| model | type | FA | weights MiB | KV B/token | state MiB/seq | "
+        + " | ".join(f"peak MiB @ {c}" for c in PLAN_CONTEXTS) + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(PLAN_CONTEXTS),
+    ]
+    for r in rows:
+        peaks = [f"{r['peaks'][c] / MIB:,.0f}" if r["peaks"][c] else "–" for c in PLAN_CONTEXTS]
+        lines.append(f"| {r['model']} | {r['quant']} | {'on' if r['flash_attn'] else 'off'} | "
+                     f"{r['weights'] / MIB:,.0f} | {r['kv_per_token']:,.0f} | {r['state_bytes'] / MIB:.1f} | "
+                     + " | ".join(peaks) + " |")
+    lines += [
+        "",
+        ("Measured rows: the Qwen3.5 sections below (`bench/contexts.py --only qwen3.5`), each with kiln plan's "
+         "prediction and its error beside the measured peak."
+         if measured else
+         "Measured rows: pending the `bench/contexts.py --only qwen3.5` run (Qwen3.5-0.8B, Qwen3.5-2B and "
+         "Qwen2.5-0.5B with YaRN x4, GGUF q8_0 and q4_k_m, at 4096 / 32768 / 131072 against llama.cpp's own loop "
+         "on the same file; hours per 131072-token row on 2 cores)."),
+        "",
+        "```sh",
+        ".venv/bin/python bench/contexts.py --only qwen3.5    # measured rows; docs/benchmarks.md is reassembled",
+        ".venv/bin/python bench/contexts.py --docs-only       # this table again, from kiln plan (seconds)",
+        "```",
+        "",
+    ]
+    return lines
 
 
 def write_docs(reports: dict[str, dict], out: Path) -> None:
@@ -199,9 +352,17 @@ def write_docs(reports: dict[str, dict], out: Path) -> None:
               "smollm2-kv": "SmolLM2-135M q4_k_m at 8192: KV-cache type and flash attention",
               "smollm2-particles": "SmolLM2-135M at 2048: N particles decoding together (SMC)",
               "qwen2.5-0.5b-shape": "Qwen2.5-0.5B shapes, random weights (cost only) to 32K",
-              "arbor-500m-shape": "Arbor-500M native shapes, random weights (cost only) to 8K"}
+              "arbor-500m-shape": "Arbor-500M native shapes, random weights (cost only) to 8K",
+              "qwen3.5-0.8b-shape": "Qwen3.5-0.8B shapes, random weights (cost only) to 128K",
+              "qwen3.5-2b-shape": "Qwen3.5-2B shapes, random weights (cost only) to 128K",
+              "qwen2.5-0.5b-shape-yarn4": "Qwen2.5-0.5B shapes with YaRN x4, random weights (cost only) to 128K"}
+    planned = False
     for name, rep in reports.items():
         from kiln.bench.report import markdown
+
+        if name in EXTRA_SECTIONS and not planned:
+            parts += plan_section(measured=True)
+            planned = True
 
         table = markdown(rep).split("\n")
         body = [ln for ln in table if ln.startswith("|")]
@@ -212,6 +373,8 @@ def write_docs(reports: dict[str, dict], out: Path) -> None:
         if (out / f"{name}.png").exists():
             parts += [f"![{name}]({rel.name}/{name}.png)", ""]
         parts += [f"Raw figures: [`{rel.name}/{name}.json`]({rel.name}/{name}.json).", ""]
+    if not planned:
+        parts += plan_section(measured=False)
     with atomic_file(out.parent / "benchmarks.md") as tmp:
         tmp.write_text("\n".join(parts))
 

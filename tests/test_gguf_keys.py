@@ -73,6 +73,7 @@ class Case:
     rope: str = "none"
     tokenizer_config: dict[str, Any] | None = None  # keys set in a copy's tokenizer_config.json
     converter_args: tuple[str, ...] = ()  # extra arguments to convert_hf_to_gguf.py
+    mtp: int = 0  # multi-token prediction layers added to a copy (kiln.fixtures.tiny.add_mtp_head), as published
 
 
 CASES = (
@@ -87,6 +88,15 @@ CASES = (
     # the converter's row transforms (-exp(A_log), 1 + w norms, squeezed conv, value heads tiled). kiln writes
     # no multi-token prediction head; transformers saves none, and the converter then needs --no-mtp.
     Case("tiny-qwen3_5", "tiny-qwen3_5", converter_args=("--no-mtp",)),
+    # With the multi-token prediction head published checkpoints carry (mtp.*), which the converter writes by
+    # default: one more block (blk.4: a full-attention layer plus nextn.eh_proj / enorm / hnorm /
+    # shared_head_norm, norms 1 + w), block_count 5, nextn_predict_layers 1, the block flagged not recurrent.
+    Case("tiny-qwen3_5-mtp", "tiny-qwen3_5-mtp"),
+    # Qwen3.5-MoE (qwen35moe): the hybrid's keys and transforms with Qwen3-MoE-like stacked experts, routers and
+    # the shared expert's gate F32, no feed_forward_length (its config has no dense width); and with an MTP head
+    # whose layer holds one tensor per expert, as Qwen3.5-35B-A3B's does.
+    Case("tiny-qwen3_5-moe", "tiny-qwen3_5-moe", converter_args=("--no-mtp",)),
+    Case("qwen3_5-moe-mtp", "tiny-qwen3_5-moe", {"mtp_num_hidden_layers": 1}, mtp=1),
     # Real Qwen2/2.5/3 checkpoints: "bos_token": null in tokenizer_config.json, bos_token_id (<|endoftext|>)
     # in config.json. The converter falls back to config.json; so must kiln.
     Case("qwen2-bos-from-config", "tiny-qwen2", {"bos_token_id": "<|endoftext|>"}),
@@ -112,7 +122,7 @@ CASES = (
 def _make_source(case: Case, root: Path) -> Path:
     """The fixture itself, or a copy whose config.json says what `case.config` says."""
     src = build(case.fixture, progress=False)
-    if case.config is None and case.tokenizer_config is None:
+    if case.config is None and case.tokenizer_config is None and not case.mtp:
         return src
     dest = root / case.name
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".kiln-*"))
@@ -133,6 +143,10 @@ def _make_source(case: Case, root: Path) -> Path:
         else:
             config[key] = value
     (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if case.mtp:
+        from kiln.fixtures.tiny import add_mtp_head
+
+        add_mtp_head(dest, case.mtp, config["initializer_range"], seed=0)
     return dest
 
 
@@ -163,7 +177,7 @@ def _deliberate(case: Case, arch: str, src: Path) -> tuple[dict[str, str], dict[
     adds = {"tokenizer.ggml.eot_token_id": EOT_WHY}
     if arch in ("qwen2", "qwen3", "qwen2moe", "qwen3moe"):
         adds[f"{arch}.vocab_size"] = adds[f"{arch}.rope.dimension_count"] = QWEN_DIMS_WHY
-    if arch == "qwen35":  # the converter writes its (partial) rope.dimension_count itself
+    if arch in ("qwen35", "qwen35moe"):  # the converter writes its (partial) rope.dimension_count itself
         adds[f"{arch}.vocab_size"] = QWEN_DIMS_WHY
     if (src / "LICENSE").is_file():
         adds["general.license"] = LICENSE_WHY
@@ -212,6 +226,24 @@ def test_tensors_equal_llama_cpp_converter(pairs, case: Case) -> None:
         c = conv[name]
         assert (t.tensor_type, list(t.shape)) == (c.tensor_type, list(c.shape)), name
         assert np.array_equal(t.data, c.data), name
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3_5-mtp", "qwen3_5-moe-mtp"])
+def test_mtp_head_is_written_after_the_last_layer(pairs, name: str) -> None:
+    """The MTP head as one more block (what the equality above compares, spelled out): block_count and the
+    recurrent-layer flags one longer, nextn_predict_layers 1, the head's own tensors in the new block."""
+    src, kiln_path, _ = pairs[name]
+    config = json.loads((src / "config.json").read_text())
+    n = config["num_hidden_layers"]
+    fields = _fields(kiln_path)
+    arch = fields["general.architecture"]
+    assert (fields[f"{arch}.block_count"], fields[f"{arch}.nextn_predict_layers"]) == (n + 1, 1)
+    assert fields[f"{arch}.attention.recurrent_layers"] == [t == "linear_attention" for t in config["layer_types"]] + [
+        False]
+    names = {t.name for t in gguf.GGUFReader(kiln_path).tensors}
+    for suffix in ("nextn.eh_proj", "nextn.enorm", "nextn.hnorm", "nextn.shared_head_norm", "attn_q", "attn_q_norm"):
+        assert f"blk.{n}.{suffix}.weight" in names, suffix
+    assert not any(t.startswith(f"blk.{n + 1}.") for t in names)
 
 
 def test_bos_falls_back_to_config_json(pairs) -> None:

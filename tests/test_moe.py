@@ -1,4 +1,5 @@
-"""The mixture-of-experts families (Qwen2-MoE with its shared expert, Qwen3-MoE) end to end, on real components.
+"""The mixture-of-experts families (Qwen2-MoE with its shared expert, Qwen3-MoE, Qwen3.5-MoE: the Gated DeltaNet
+hybrid with routed and shared experts) end to end, on real components.
 
 Each fixture is exported to GGUF at f32, f16, q8_0 and q4_k_m through the one pipeline with verification on
 (llama.cpp against transformers); the GGUF's stacked expert tensors are checked against the checkpoint's
@@ -31,7 +32,10 @@ from kiln.fixtures import build  # noqa: E402
 from kiln.gguf_header import open_gguf  # noqa: E402
 from kiln.pipeline import export_gguf_artifact  # noqa: E402
 
-MOE = ("tiny-qwen2-moe", "tiny-qwen3-moe")
+MOE = ("tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-qwen3_5-moe")
+SHARED_FF = {"tiny-qwen2-moe": 48, "tiny-qwen3-moe": None, "tiny-qwen3_5-moe": 48}  # shared expert width
+# llama.cpp's converter asserts on a Qwen3.5 checkpoint without an MTP head unless told --no-mtp
+CONVERTER_ARGS = {"tiny-qwen3_5-moe": ("--no-mtp",)}
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_k_m")
 EXPERT_KINDS = (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps"))
 
@@ -125,7 +129,7 @@ def test_expert_tensors_are_the_per_expert_tensors_stacked(exports, name: str) -
                                                      "expert_feed_forward_length")}
     assert keys == {"expert_count": 4, "expert_used_count": 2, "expert_feed_forward_length": 32}
     shared = g.get(f"{spec.family}.expert_shared_feed_forward_length")
-    assert shared == (48 if name == "tiny-qwen2-moe" else None)
+    assert shared == SHARED_FF[name]
 
 
 @pytest.mark.parametrize("name", MOE)
@@ -135,7 +139,7 @@ def test_routers_stay_f32_at_every_type(exports, name: str) -> None:
     for quant in GGUF_TYPES:
         g = open_gguf(exports[name, quant][0])
         routers = [t for t in g.tensors if "ffn_gate_inp" in t.name]
-        assert len(routers) == (4 if name == "tiny-qwen2-moe" else 2)
+        assert len(routers) == (4 if SHARED_FF[name] else 2)  # with a shared expert: its gate too, per layer
         assert {t.tensor_type.name for t in routers} == {"F32"}, quant
 
 
@@ -147,9 +151,10 @@ def test_f16_tensors_equal_llama_cpp_converter(exports, tmp_path) -> None:
     from kiln.fixtures import LLAMA_CPP_PRE
     from kiln.fixtures.llama_converter import convert_many
 
-    jobs = [(build(n, progress=False), tmp_path / f"{n}.f16.gguf", LLAMA_CPP_PRE[n]) for n in MOE]
+    jobs = [(build(n, progress=False), tmp_path / f"{n}.f16.gguf", LLAMA_CPP_PRE[n], CONVERTER_ARGS.get(n, ()))
+            for n in MOE]
     convert_many(jobs, "f16")
-    for name, (_, conv, _) in zip(MOE, jobs):
+    for name, (_, conv, *_) in zip(MOE, jobs):
         ours = {t.name: t for t in gguf.GGUFReader(exports[name, "f16"][0]).tensors}
         theirs = {t.name: t for t in gguf.GGUFReader(conv).tensors}
         assert sorted(ours) == sorted(theirs)
@@ -212,17 +217,12 @@ def test_generation_follows_transformers(exports, name: str) -> None:
 # ------------------------------------------------------------------------------------------------ refusals
 
 
-@pytest.mark.parametrize("args", [
-    ("export", "onnx", "{src}", "-o", "{out}", "--precision", "int4"),
-    ("quantize", "gptq", "{src}", "-o", "{out}"),
-    ("imatrix", "{src}", "-o", "{out}"),
-], ids=["onnx", "gptq", "imatrix"])
-def test_what_kiln_cannot_do_for_experts_is_refused_in_one_line(args, tmp_path: Path) -> None:
-    src = build("tiny-qwen3-moe", progress=False)
+def test_onnx_for_qwen3_moe_is_refused_in_one_line(tmp_path: Path) -> None:
+    """onnxruntime-genai's builder has no Qwen2/Qwen3-MoE graph (GPTQ and the imatrix do these families:
+    test_gptq_hybrid.py)."""
     out = tmp_path / "out"
-    proc = kiln(*(a.format(src=src, out=out) for a in args))
-    line = one_line_error(proc, "Qwen3-MoE", *(("no ONNX export",) if args[1] == "onnx" else ()))
-    assert "Traceback" not in line
+    proc = kiln("export", "onnx", build("tiny-qwen3-moe", progress=False), "-o", out, "--precision", "int4")
+    one_line_error(proc, "Qwen3-MoE", "no ONNX export")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -285,6 +285,7 @@ def test_qwen2_moe_without_qkv_bias_is_verified(tmp_path: Path) -> None:
 def test_plan_counts_every_expert(exports, name: str) -> None:
     """The cost model's weight bytes per type are the exported files' own (llama.cpp's per-tensor choices for
     stacked experts and F32 routers included); KV per token comes from the attention alone."""
+    from kiln import families
     from kiln.bench.cost_model import gguf_weights, hf_tensors
     from kiln.bench.plan import plan
 
@@ -298,7 +299,9 @@ def test_plan_counts_every_expert(exports, name: str) -> None:
         assert n_elements == spec.n_params
     p = plan(src, 256 << 20)
     assert p.recommended is not None and p.recommended.fits
-    assert p.recommended.estimate.kv_per_token == 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * 2
+    kv_layers = families.of(spec).kv_layer_count(config)  # a hybrid's attention layers only
+    assert kv_layers == (1 if spec.layer_types else spec.n_layers)
+    assert p.recommended.estimate.kv_per_token == 2 * kv_layers * spec.n_kv_heads * spec.head_dim * 2
 
 
 # The released configs (their architecture keys), for the parameter counts their model cards state.
@@ -330,3 +333,61 @@ def test_plan_on_released_configs(config: dict, billions: float, kv_per_token: i
     result = json.loads(proc.stdout)
     assert result["recommended"] is not None
     assert result["recommended"]["estimate"]["kv_per_token"] == kv_per_token
+
+
+# ------------------------------------------------------------------------------------------------ Qwen3.5-MoE
+
+
+def test_qwen3_5_moe_missing_expert_names_layer_and_expert(tmp_path: Path) -> None:
+    """tiny-qwen3_5-moe holds one tensor per expert (transformers' save); one of them gone fails in one line."""
+    src = _copy("tiny-qwen3_5-moe", tmp_path / "model")
+    weights = load_file(src / "model.safetensors")
+    del weights["model.layers.1.mlp.experts.2.down_proj.weight"]
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    out_dir = tmp_path / "out"
+    proc = kiln("export", "gguf", src, "-o", out_dir / "m.gguf", "--quant", "q8_0")
+    one_line_error(proc, "layer 1, expert 2", "model.layers.1.mlp.experts.2.down_proj.weight", "missing")
+    assert not out_dir.exists() or list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [
+    ("export", "onnx", "{src}", "-o", "{out}", "--precision", "int4"),
+    ("quantize", "gptq", "{src}", "-o", "{out}"),
+    ("imatrix", "{src}", "-o", "{out}"),
+], ids=["onnx-int4", "gptq", "imatrix"])
+def test_what_kiln_cannot_do_for_qwen3_5_moe_is_refused_in_one_line(args, tmp_path: Path) -> None:
+    src = build("tiny-qwen3_5-moe", progress=False)
+    out = tmp_path / "out"
+    proc = kiln(*(a.format(src=src, out=out) for a in args))
+    one_line_error(proc, "Qwen3.5-MoE", *(("fp32 only",) if args[1] == "onnx" else ()))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_qwen3_5_moe_fp32_onnx_is_verified(tmp_path: Path) -> None:
+    """onnxruntime-genai's Qwen3.5-MoE graph (its MoE op on the CPU, Gated DeltaNet as for the dense model),
+    verified in onnxruntime against transformers at short positions and at the end of the context."""
+    pytest.importorskip("onnxruntime_genai")
+    from kiln.pipeline import export_onnx_artifact
+
+    result = export_onnx_artifact(build("tiny-qwen3_5-moe", progress=False), tmp_path / "moe-fp32", "fp32")
+    v = result.record["verification"]
+    assert v["passed"], v["criterion"]
+    assert v["short_positions"]["rel"] < 1e-4 and v["long_positions"]["rel"] < 1e-4
+
+
+def test_qwen3_5_moe_cache_buffers_equal_llama_cpp(exports) -> None:
+    """The hybrid MoE's K/V (its one attention layer) and its DeltaNet state per sequence, predicted from
+    config.json and from the GGUF, equal the buffers llama.cpp allocates."""
+    from kiln import llamacpp_log
+    from kiln.bench.geometry import hf_geometry, read_geometry
+    from kiln.runtime.llamacpp import LlamaCppEngine
+
+    src = build("tiny-qwen3_5-moe", progress=False)
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    path = exports["tiny-qwen3_5-moe", "q8_0"][0]
+    hf, art = hf_geometry(config, src), read_geometry(path)
+    assert hf.kv_layers == art.kv_layers == 1 and hf.state_bytes == art.state_bytes > 0
+    with LlamaCppEngine(path, n_ctx=256, n_seq_max=4, prompt_cache=0):
+        reported = llamacpp_log.buffer_sizes()  # MiB, printed to two decimals
+    assert abs(reported["state"] - 4 * art.state_bytes / 2**20) <= 0.006
+    assert abs(reported["kv"] - art.kv_bytes(256, "f16") / 2**20) <= 0.006

@@ -53,20 +53,21 @@ def test_shipped_recipes_cover_the_model_table() -> None:
     assert load_recipe(REPO / "recipes" / "qwen1.5-7b-chat.yaml").recipe.rope.context == 32768
 
 
-def test_qwen35_and_moe_recipes_leave_out_what_their_family_cannot_do() -> None:
-    """Qwen3.5 and MoE checkpoints have no GPTQ or ONNX route in kiln yet; validation cannot see that for a hub
-    id (it does not read the family), so the recipes leave those targets out and say so in a comment."""
-    for stem, source in (("qwen3.5-0.8b", "Qwen/Qwen3.5-0.8B"), ("qwen3.5-2b", "Qwen/Qwen3.5-2B"),
-                         ("qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B")):
+def test_qwen35_and_moe_recipes_name_what_their_family_can_do() -> None:
+    """The Qwen3.5 recipes carry every route kiln has for that family (GGUF, GPTQ q4_0, int4 ONNX); the MoE one
+    leaves ONNX out (the builder has no Qwen3-MoE graph) and says so in a comment, since validation cannot
+    see the family of a hub id."""
+    for stem, source, onnx in (("qwen3.5-0.8b", "Qwen/Qwen3.5-0.8B", ["int4"]), ("qwen3.5-2b", "Qwen/Qwen3.5-2B", ["int4"]),
+                               ("qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B", [])):
         path = REPO / "recipes" / f"{stem}.yaml"
         loaded = load_recipe(path)
         recipe = loaded.recipe
         assert (loaded.source, loaded.source_is_hub) == (source, True)
         assert recipe.targets.gguf == ["q8_0", "q4_k_m"] and recipe.targets.modelfile
-        assert recipe.targets.gptq is None and recipe.targets.onnx == []
+        assert recipe.targets.gptq is not None and recipe.targets.gptq.gguf == ["q4_0"]
+        assert recipe.targets.onnx == onnx
         assert recipe.eval.enabled and recipe.bench.enabled
-        text = path.read_text(encoding="utf-8")
-        assert "#   gptq" in text and "#   onnx" in text
+        assert ("#   onnx" in path.read_text(encoding="utf-8")) == (not onnx)
     assert load_recipe(REPO / "recipes" / "qwen3.5-0.8b.yaml").recipe.bench.contexts == [4096, 32768, 131072]
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,10 @@ class _Source:
     def write_onnx(self, tmp: Path, options: Any, rope: RopeSettings | None, progress: Progress | None) -> dict[str, Any]:
         raise NotImplementedError
 
+    def onnx_warnings(self) -> list[str]:
+        """What the ONNX graph leaves out of the checkpoint on purpose (a vision tower, an MTP head)."""
+        return []
+
     def reference(self, rope: RopeSettings | None) -> Any:
         """What verification compares the artifact with (kiln.verify.reference)."""
         raise NotImplementedError
@@ -110,7 +114,8 @@ class _DecoderSource(_Source):
                 "architecture": spec.hf_architecture, "family": spec.family}
 
     def record(self, rope):
-        return {"rope": rope.to_json(), "n_params": self.ckpt.spec.n_params}
+        return {"rope": {**rope.to_json(), **self.family.position_scope(self.ckpt.spec)},
+                "n_params": self.ckpt.spec.n_params}
 
     def write_gguf(self, out, qtype, rope, imatrix, threads, progress, warnings, force):
         from kiln.export.gguf import export_gguf
@@ -142,6 +147,11 @@ class _DecoderSource(_Source):
         stats = export_onnx(self.ckpt, tmp, options, rope, progress=progress)
         return {"options": options_json(options), "bits_per_weight": round(stats.bits_per_weight, 4),
                 "op_counts": stats.op_counts}
+
+    def onnx_warnings(self):
+        # the builder writes the text model only, without multi-token prediction layers (exclude_mtp)
+        spec = replace(self.ckpt.spec, mtp_layers=0)
+        return self.family.export_warnings(spec, self.ckpt.tensors.names())
 
     def reference(self, rope):
         from kiln.verify.reference import Reference
@@ -214,7 +224,7 @@ def _refuse_early(src: str | Path, *, rope: bool, precision: str | None = None) 
             raise KilnError(f"{src}: {family.description} has no ONNX export (onnxruntime-genai's builder does not "
                             "take the family, and kiln writes no graph of its own for it)")
         raise KilnError(f"{src}: {family.description} exports to ONNX at {'/'.join(allowed)} only "
-                        "(kiln writes that graph itself; onnxruntime-genai's builder does not take the family)")
+                        f"({family.onnx_precisions_reason})")
     return family
 
 
@@ -408,7 +418,8 @@ def export_onnx_artifact(
 
         if verify:
             _verified(record, check, progress)
-        record.update({"files": [file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()], "warnings": []})
+        warnings = source.onnx_warnings()
+        record.update({"files": [file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()], "warnings": warnings})
         write_manifest_file(tmp / ONNX_MANIFEST, record)
     _raise_if_failed(record, out, out / ONNX_MANIFEST)
-    return OnnxExportResult(out, out / ONNX_MANIFEST, record, [])
+    return OnnxExportResult(out, out / ONNX_MANIFEST, record, warnings)

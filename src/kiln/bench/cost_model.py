@@ -122,10 +122,18 @@ def gguf_weights(config: dict[str, Any], ftype: str) -> WeightPlan:
     c = config.get("text_config") or config
     tied = bool(config.get("tie_word_embeddings", c.get("tie_word_embeddings", False))) or "n_embd" in c
     n_layers = int(c.get("num_hidden_layers") or c.get("n_layer"))
+    # llama.cpp's n_layer_all: the blocks in the file, a multi-token prediction block after the decoder's included
+    n_layers = max(n_layers, 1 + max((t.layer for t in ts if t.layer is not None), default=-1))
+    # llama-quant.cpp counts attn_v and a hybrid's fused attn_qkv together ("attention-v-like", its i_attention_wv
+    # over n_attention_wv, in file order: by layer) and gives both the attn_v rule
+    v_like = [t for t in ts if t.category in ("attn_v", "attn_qkv")]
     total = repacked = 0
     types: dict[str, int] = {}
     for t in ts:
-        ty = tensor_type(t, ftype, n_layers, tied)
+        if t.category in ("attn_v", "attn_qkv"):
+            ty = tensor_type(Tensor(t.name, "attn_v", v_like.index(t), t.ne0, t.rows), ftype, len(v_like), tied)
+        else:
+            ty = tensor_type(t, ftype, n_layers, tied)
         b = tensor_bytes(t, ty)
         total += b
         types[ty] = types.get(ty, 0) + 1
@@ -197,6 +205,15 @@ class MemoryEstimate:
                 "compute": self.compute, "total": self.total, "kv_per_token": self.kv_per_token}
 
 
+def engine_sequences(particles: int) -> int:
+    """Sequence ids kiln's llama.cpp engine opens for `particles` sequences: its prompt-cache slots (hidden ids after
+    the caller's, kiln.runtime.llamacpp) come on top, and llama.cpp allocates a recurrent state for every id
+    (seen: tiny-qwen3_5 opened with n_seq_max 4 reports the state buffer of 8 sequences)."""
+    from kiln.runtime.llamacpp import _MAX_SEQ, PROMPT_CACHE_SLOTS
+
+    return min(particles + PROMPT_CACHE_SLOTS, _MAX_SEQ)
+
+
 def predict_peak(geo: Geometry, context: int, kv_type: str | None = None, particles: int = 1,
                  flash_attn: bool = False, weights: int | None = None, repacked: int = 0) -> MemoryEstimate:
     """Peak RSS of a process running the artifact `geo` at `context` tokens (N particles)."""
@@ -204,8 +221,9 @@ def predict_peak(geo: Geometry, context: int, kv_type: str | None = None, partic
     w = geo.model_bytes if weights is None else weights
     repacked = repacked or geo.repacked_bytes
     if fmt == "gguf":
-        # one unified cache of `context` cells for all sequences, plus each sequence's recurrent state (hybrids)
-        kv = geo.kv_bytes(context, kv_type or "f16") + geo.state_bytes * particles
+        # one unified cache of `context` cells for all sequences, plus a recurrent state (hybrids) for every sequence
+        # id the engine opens: the particles and kiln's prompt-cache slots
+        kv = geo.kv_bytes(context, kv_type or "f16") + geo.state_bytes * engine_sequences(particles)
         compute = llama_compute_bytes(geo, context, flash_attn)
         per_token = geo.kv_bytes_per_token(kv_type or "f16")
     else:

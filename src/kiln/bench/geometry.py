@@ -126,8 +126,11 @@ def _gguf(path: Path) -> Geometry:
     d_conv, d_inner = int(get(f"{arch}.ssm.conv_kernel", 0) or 0), int(get(f"{arch}.ssm.inner_size", 0) or 0)
     d_state, n_group = int(get(f"{arch}.ssm.state_size", 0) or 0), int(get(f"{arch}.ssm.group_count", 0) or 0)
     state = 4 * recurrent * (max(d_conv - 1, 0) * (d_inner + 2 * n_group * d_state) + d_state * d_inner)
+    # Multi-token prediction (NextN) blocks after the decoder's layers are in block_count, but llama.cpp's plain
+    # decoding skips them and keeps no cache for them.
+    nextn = int(get(f"{arch}.nextn_predict_layers", 0) or 0)
     return Geometry("gguf", arch, n_layers, n_heads, n_kv, head_dim, hidden, vocab, ctx, native, note,
-                    path.stat().st_size, 2.0, repacked, ffn, gathered, kv_layers=n_layers - recurrent,
+                    path.stat().st_size, 2.0, repacked, ffn, gathered, kv_layers=n_layers - nextn - recurrent,
                     state_bytes=state)
 
 

@@ -133,7 +133,14 @@ def _largest_context(geo: Geometry, budget: int, kw: dict[str, Any], limit: int)
             hi = mid
     if predict_peak(geo, hi, **kw).total <= budget:
         lo = hi
-    return lo if lo == limit else max(64, lo // 256 * 256 or lo)
+    if lo == limit:
+        return lo
+    # The search stops within 16 tokens of the edge, and the compute buffer grows in 256-cell steps, so the edge is
+    # often a multiple of 256 just above `lo`: take it when it fits.
+    up = (lo // 256 + 1) * 256
+    if up <= limit and predict_peak(geo, up, **kw).total <= budget:
+        return up
+    return max(64, lo // 256 * 256 or lo)
 
 
 def plan(src: str | Path, memory: int, context: int | None = None, target: str = "gguf",

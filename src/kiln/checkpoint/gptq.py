@@ -111,6 +111,19 @@ class GPTQLinear:
         expected = np.arange(self.g_idx.size, dtype=np.int64) // group_size
         return bool(np.array_equal(self.g_idx.astype(np.int64), expected))
 
+    def reordered(self, rows: np.ndarray | None = None, cols: np.ndarray | None = None) -> GPTQLinear:
+        """The same linear with its rows and columns moved: W'[i, j] = W[rows[i], cols[j]] (None: unmoved).
+
+        Codes move with both; a row's scales and zero points move with it; every column keeps its group, so
+        g_idx moves with the columns (a column reorder that gathers each group's columns leaves it trivial)."""
+        q, scales, zeros, g_idx = self.q, self.scales, self.zeros, self.g_idx
+        if rows is not None:
+            q, scales, zeros = q[rows], scales[:, rows], zeros[:, rows]
+        if cols is not None:
+            q, g_idx = q[:, cols], g_idx[cols]
+        return GPTQLinear(np.ascontiguousarray(q), np.ascontiguousarray(scales), np.ascontiguousarray(zeros),
+                          np.ascontiguousarray(g_idx), self.bits)
+
 
 def pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
     """Pack small unsigned ints along axis 0 into int32 words, low bits first ([n, m] -> [n·bits/32, m])."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kiln.checkpoint.rope import RopeSettings
 from kiln.errors import KilnError
 
@@ -66,10 +68,15 @@ def float_model(source: str | Path, rope: RopeSettings | None = None, dtype: str
 
 def _dequantized_model(source: str | Path, config, dtype):
     """A quantized (GPTQ) checkpoint as a float transformers model: kiln's reader dequantizes
-    every linear, so no GPTQ kernel package (optimum, gptqmodel) is needed to run it."""
+    every linear, so no GPTQ kernel package (optimum, gptqmodel) is needed to run it.
+
+    A tensor the model holds under its own name is loaded as it is; a mixture of experts' per-expert tensors
+    (what GPTQModel writes) go where the family's `hf_targets` puts them: transformers 5 holds the experts
+    fused (`mlp.experts.gate_up_proj` / `down_proj`), as verification's GGUF weights do."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from kiln import families
     from kiln.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(source)
@@ -77,9 +84,31 @@ def _dequantized_model(source: str | Path, config, dtype):
         raise KilnError(f"{source}: quantization_config names a method kiln cannot read")
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
-    state = {name: torch.from_numpy(ckpt.tensors.load(name)).to(dtype) for name in ckpt.tensors.names()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    params = dict(model.named_parameters())
+    keys = set(model.state_dict())
+    names = ckpt.tensors.names()
+    state = {name: torch.from_numpy(ckpt.tensors.load(name)).to(dtype) for name in names if name in keys}
+    routed: list[tuple[str, object, np.ndarray]] = []
+    left = set(names) - set(state)
+    if left:
+        spec = ckpt.spec
+        family = families.of(spec)
+        for hf, _, shape, row in family.tensors(spec):
+            if not row.experts:
+                continue
+            per = {family.checkpoint_name(hf.format(e=e), spec) for e in range(shape[0])}
+            if not per <= left:
+                continue
+            left -= per
+            routed += family.hf_targets(hf, family.load_tensor(ckpt.tensors, hf, spec), keys)
+    missing, _ = model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for target, index, part in routed:
+            dest = params[target] if index is None else params[target][index]
+            dest.copy_(torch.from_numpy(np.ascontiguousarray(part)))
+    filled = {target for target, _, _ in routed}
+    missing = [m for m in missing if m not in filled and not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    unexpected = sorted(left)
     if missing or unexpected:
         raise KilnError(f"{source}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if config.tie_word_embeddings:

@@ -87,6 +87,10 @@ class ModelSpec:
     full_attention_interval: int = 0
     rope_dim: int = 0  # rotated dimensions of a head (partial rotary); 0: all of head_dim
     rope_sections: tuple[int, ...] = ()  # MRoPE sections in frequency pairs (GGUF rope.dimension_sections)
+    # Multi-token prediction blocks written after the n_layers decoder layers (llama.cpp's NextN layers:
+    # GGUF block_count n_layers + mtp_layers, {arch}.nextn_predict_layers); 0: none. The reference
+    # (transformers) and llama.cpp's plain decoding both ignore them.
+    mtp_layers: int = 0
     # The parameter count when the dense-decoder formula below does not describe the model (the family
     # counts its tensor table); 0: use the formula.
     param_count: int = 0
@@ -102,7 +106,7 @@ class ModelSpec:
     @property
     def expert_params(self) -> int:
         """Parameters of one expert summed over the layers (gguf-py's `expert_params`, for the size label)."""
-        return self.n_layers * 3 * self.hidden_size * self.expert_ff if self.n_experts else 0
+        return (self.n_layers + self.mtp_layers) * 3 * self.hidden_size * self.expert_ff if self.n_experts else 0
 
     @property
     def n_params(self) -> int:

@@ -22,6 +22,17 @@ calibration text (bench/quality.py): mean KL 0.618 -> 0.431 against llama.cpp's 
 With act-order kiln uses static groups (GPTQModel's `static_groups`): group parameters come
 from the original weights of contiguous column groups, so g_idx stays trivial and the result
 still maps onto GGUF blocks. See kiln.compress.gptq_grid for the grids.
+
+What a layer holds comes from its family (kiln.families.base): the groups per layer kind of a hybrid
+decoder (Qwen3.5's Gated DeltaNet layers: q/k/v, z, b, a; then out_proj; then the MLP), and for a
+mixture of experts each expert's linears ("mlp.experts.{e}.gate_proj"), whose Hessian sums only the
+calibration tokens the (already upstream-quantized) router sends to that expert. An expert that
+receives fewer tokens than a matrix's input width gets round-to-nearest for that matrix, with a
+warning naming layer and expert: below that count H = XᵀX is singular, and GPTQ would fit those few
+tokens exactly while moving its rounding error into input directions no calibration token
+exercised (only the damping holds them). Where the GGUF reorders a linear's input columns
+(`Family.gguf_column_order`: Qwen3.5's ssm_out), the groups are contiguous in the GGUF's order, the
+order llama.cpp's blocks see; g_idx then records them in the checkpoint's column order.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +51,7 @@ from kiln import families
 from kiln.atomic import atomic_dir
 from kiln.checkpoint import load_checkpoint
 from kiln.checkpoint.gptq import GPTQConfig, GPTQLinear, pack_linear
-from kiln.compress.gptq_grid import Grid, choose_grid, grid_params, search_params
+from kiln.compress.gptq_grid import Grid, choose_grid, grid_params, quantize_values, search_params
 from kiln.errors import KilnError
 
 Progress = Callable[[str, int, int], None]
@@ -91,6 +102,12 @@ class GPTQReport:
     seconds: float
     mean_rel_error: float  # mean over linears of ||W−Q||_F / ||W||_F (weights only)
     output_error: float  # mean over layers of relative error of the quantized layer's output
+    # Per linear kind (the family's group entry, e.g. "linear_attn.out_proj", "mlp.experts.{e}.down_proj"): mean over
+    # its linears of the relative output error ||X(W−Q)ᵀ||_F / ||XWᵀ||_F on the calibration inputs X, for GPTQ
+    # and for round-to-nearest on the same grid ({"gptq": .., "rtn": .., "linears": n}); RTN fallbacks left out.
+    kind_errors: dict[str, dict[str, float]] = field(default_factory=dict)
+    rtn_fallbacks: int = 0  # expert matrices rounded to nearest: too few calibration tokens routed to them
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -228,6 +245,55 @@ def _load_float_model(src: Path):
     return ckpt, model, tok
 
 
+def rtn_linear(weight, grid: Grid, group_size: int) -> tuple[GPTQLinear, Any]:
+    """Round-to-nearest on the same grid and groups (each group's parameters by the grid's own rule):
+    the baseline GPTQ is measured against, and the fallback for an expert with too few tokens."""
+    import torch
+
+    W = weight.detach().float()
+    n_out, n_in = W.shape
+    n_groups = math.ceil(n_in / group_size)
+    scales = torch.zeros(n_out, n_groups)
+    zeros = torch.zeros(n_out, n_groups)
+    codes = torch.zeros_like(W)
+    Q = torch.zeros_like(W)
+    for g in range(n_groups):
+        cols = slice(g * group_size, (g + 1) * group_size)
+        scales[:, g], zeros[:, g] = grid_params(W[:, cols], grid)
+        codes[:, cols], Q[:, cols] = quantize_values(W[:, cols], scales[:, g], zeros[:, g], grid)
+    layer = GPTQLinear(q=codes.numpy().astype(np.uint8), scales=scales.T.numpy().astype(np.float16),
+                       zeros=zeros.T.numpy().astype(np.int32),
+                       g_idx=np.arange(n_in, dtype=np.int32) // group_size, bits=grid.bits)
+    return layer, Q
+
+
+def _in_column_order(order, fn, weight, hessian=None) -> tuple[GPTQLinear, Any]:
+    """Run `fn` (weight[, hessian]) -> (GPTQLinear, Q) with the input columns in `order` (groups contiguous in
+    that order), and give the result back in the weight's own column order (g_idx then names each column's group)."""
+    if order is None:
+        return fn(weight) if hessian is None else fn(weight, hessian)
+    import torch
+
+    perm = torch.as_tensor(order)
+    w = weight.detach()[:, perm]
+    layer, Q = fn(w) if hessian is None else fn(w, hessian[perm][:, perm])
+    inv = np.argsort(order)
+    out = GPTQLinear(q=np.ascontiguousarray(layer.q[:, inv]), scales=layer.scales, zeros=layer.zeros,
+                     g_idx=np.ascontiguousarray(layer.g_idx[inv]), bits=layer.bits)
+    return out, Q[:, torch.as_tensor(inv)]
+
+
+def _output_error(W, Q, H) -> float:
+    """||X(W−Q)ᵀ||_F / ||XWᵀ||_F for H ∝ XᵀX."""
+    import torch
+
+    W = W.detach().double()
+    D = W - Q.double()
+    num = float(torch.sum((D @ H) * D))
+    den = float(torch.sum((W @ H) * W))
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+
+
 BATCH = 8  # calibration chunks per layer call
 
 
@@ -235,42 +301,119 @@ class _Enough(Exception):
     """Raised from a hook once every input a pass needs is captured: the rest of the layer is skipped."""
 
 
-def _hessian_pass(layer, names: list[str], hidden: list, pe, pos, last: bool,
-                  outputs: list | None = None) -> dict[str, tuple[Any, int]]:
-    """H = 2·XᵀX/n for the inputs of `names`, over all calibration batches through `layer`.
+@dataclass
+class _Target:
+    """One linear GPTQ quantizes: `weight` is the live [out, in] tensor (for a fused expert, a view into the fused
+    parameter), `key` the accumulated input it reads (linears sharing an input share it)."""
 
-    Modules sharing an input (q/k/v, gate/up) are accumulated once. Unless `last` (the pass
-    must run the whole layer, e.g. to record `outputs`), the layer call stops at the last
-    hooked module, which skips the MLP when only attention inputs are wanted.
+    name: str  # under the layer, as the checkpoint names it ("mlp.experts.3.gate_proj")
+    kind: str  # the family's group entry it comes from ("mlp.experts.{e}.gate_proj")
+    key: str
+    weight: Any
+    expert: int | None = None
+
+
+@dataclass
+class _Hooks:
+    """Where a group's inputs are read: plain modules (their input, as the model calls them) and fused experts
+    modules (each expert's inputs, from the family's `expert_inputs`)."""
+
+    modules: dict[str, str] = field(default_factory=dict)  # module name -> key
+    fused: dict[str, set[str]] = field(default_factory=dict)  # experts module -> fused parameter names wanted
+
+
+def _targets(layer, names: tuple[str, ...], family, spec) -> tuple[list[_Target], _Hooks]:
+    """The linears of one group in one layer, experts expanded, and the hooks that read their inputs."""
+    targets: list[_Target] = []
+    hooks = _Hooks()
+    for entry in names:
+        if "{e}" not in entry:
+            targets.append(_Target(entry, entry, entry, layer.get_submodule(entry).weight))
+            hooks.modules[entry] = entry
+            continue
+        n = spec.n_experts
+        try:  # one module per expert (their own linears: each called on its routed tokens only)
+            layer.get_submodule(entry.format(e=0))
+            per_expert = True
+        except AttributeError:
+            per_expert = False
+        if per_expert:
+            for e in range(n):
+                name = entry.format(e=e)
+                targets.append(_Target(name, entry, name, layer.get_submodule(name).weight, e))
+                hooks.modules[name] = name
+            continue
+        fused = family.fused_expert(entry)
+        if fused is None:
+            raise KilnError(f"{spec.source}: the transformers model holds neither {entry.format(e=0)} nor a fused "
+                            "experts tensor for it")
+        suffix, part, parts = fused
+        path, _, attr = suffix.rpartition(".")
+        param = getattr(layer.get_submodule(path), attr)
+        if param.shape[0] != n:
+            raise KilnError(f"{spec.source}: {suffix} holds {param.shape[0]} experts, the config says {n}")
+        rows = param.shape[1] // parts
+        for e in range(n):
+            targets.append(_Target(entry.format(e=e), entry, f"{path}.{attr}.{e}",
+                                   param.data[e, part * rows:(part + 1) * rows], e))
+        hooks.fused.setdefault(path, set()).add(attr)
+    return targets, hooks
+
+
+def _hessian_pass(layer, hooks: _Hooks, family, hidden: list, pe, pos, last: bool,
+                  outputs: list | None = None) -> dict[str, tuple[Any, int]]:
+    """Σ XᵀX and the token count for every input `hooks` names, over all calibration batches through `layer`.
+
+    Modules sharing an input (q/k/v, gate/up) are accumulated once. Unless `last` (the pass must run the
+    whole layer, e.g. to record `outputs`), the layer call stops once every hooked module has run, which
+    skips the MLP when only attention inputs are wanted.
     """
     import torch
 
-    modules = {n: layer.get_submodule(n) for n in names}
     sums: dict[str, Any] = {}
     counts: dict[str, int] = {}
-    seen: dict[int, str] = {}
-    final = names[-1]
+    seen: dict[int, tuple[Any, str]] = {}  # id of an input this batch -> (that input, kept alive; its key)
+    fired: set[str] = set()
+    everything = set(hooks.modules) | set(hooks.fused)
 
-    def hook(name):
+    def add(key: str, a) -> None:
+        flat = a.reshape(-1, a.shape[-1]).double()
+        sums[key] = sums.get(key, 0) + flat.T @ flat
+        counts[key] = counts.get(key, 0) + flat.shape[0]
+
+    def done(name: str) -> None:
+        fired.add(name)
+        if not last and fired >= everything:
+            raise _Enough
+
+    def module_hook(name: str, key: str):
         def fn(_mod, inputs, _out):
             a = inputs[0]
-            key = id(a)
-            if key in seen:  # same input tensor as a module hooked before (q/k/v, gate/up)
-                sums[name] = sums[seen[key]]
-                counts[name] = counts[seen[key]]
+            first = seen.get(id(a), (None, key))[1]
+            if first != key:  # the same input as a module hooked before (q/k/v, gate/up)
+                sums[key] = sums[first]
+                counts[key] = counts[first]
             else:
-                flat = a.reshape(-1, a.shape[-1]).double()
-                sums[name] = sums.get(name, 0) + flat.T @ flat
-                counts[name] = counts.get(name, 0) + flat.shape[0]
-                seen[key] = name
-            if name == final and not last:
-                raise _Enough
+                add(key, a)
+                seen[id(a)] = (a, key)
+            done(name)
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    def fused_hook(path: str, wanted: set[str]):
+        def fn(mod, inputs, _out):
+            x, index = inputs[0], inputs[1]
+            for e, ins in family.expert_inputs(mod, x.reshape(-1, x.shape[-1]), index, wanted):
+                for attr in wanted:
+                    add(f"{path}.{attr}.{e}", ins[attr])
+            done(path)
+        return fn
+
+    handles = [layer.get_submodule(n).register_forward_hook(module_hook(n, k)) for n, k in hooks.modules.items()]
+    handles += [layer.get_submodule(p).register_forward_hook(fused_hook(p, w)) for p, w in hooks.fused.items()]
     try:
         for h in hidden:
             seen.clear()
+            fired.clear()
             try:
                 out = _layer_call(layer, h, pe, pos)
                 if outputs is not None:
@@ -280,13 +423,21 @@ def _hessian_pass(layer, names: list[str], hidden: list, pe, pos, last: bool,
     finally:
         for handle in handles:
             handle.remove()
-    return {n: (2.0 * sums[n] / max(counts[n], 1), counts[n]) for n in names}
+    return {k: (sums[k], counts[k]) for k in sums}
 
 
 def _layer_call(layer, hidden, pe, pos):
     out = layer(hidden, attention_mask=None, position_embeddings=pe, position_ids=pos,
                 cache=None, use_cache=False)
     return out[0] if isinstance(out, tuple) else out
+
+
+def _fallback_warning(layer: int, expert: int, tokens: int, matrices: list[tuple[str, int]]) -> str:
+    names = "/".join(n.rsplit(".", 1)[-1] for n, _ in matrices)
+    width = min(w for _, w in matrices)
+    return (f"layer {layer}, expert {expert}: {tokens} calibration token{'s' * (tokens != 1)} routed to it, fewer "
+            f"than the {width} input columns of its {names}; rounded to nearest instead of GPTQ (a longer "
+            "calibration text routes more tokens to it)")
 
 
 def quantize_model(src: str | Path, text: str, opts: GPTQOptions, threads: int | None = None,
@@ -303,17 +454,21 @@ def quantize_model(src: str | Path, text: str, opts: GPTQOptions, threads: int |
     t0 = time.perf_counter()
     src = Path(src)
     ckpt, model, tok = _load_float_model(src)
+    spec = ckpt.spec
+    family = families.of(spec)
     grid = choose_grid(opts.bits, opts.group_size, opts.sym)
     tok.model_max_length = 1 << 62  # the text is cut into chunks below; silence the length notice
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    bos = ckpt.spec.tokenizer.bos_id if ckpt.spec.tokenizer and ckpt.spec.tokenizer.add_bos else None
+    bos = spec.tokenizer.bos_id if spec.tokenizer and spec.tokenizer.add_bos else None
     chunks = calibration_chunks(ids, opts.seq_len, opts.samples, bos)
     inner = model.model
+    inner = getattr(inner, "language_model", inner)  # a multimodal wrapper's text model
     results: dict[str, GPTQLinear] = {}
     rel_errors: list[float] = []
     out_errors: list[float] = []
-    sequential = families.of(ckpt.spec).gptq_groups  # each group sees the outputs of those before it
-    groups = list(sequential) if opts.true_sequential else [tuple(n for g in sequential for n in g)]
+    kind_errors: dict[str, list[tuple[float, float]]] = {}
+    warnings: list[str] = []
+    fallbacks = 0
     with torch.no_grad():
         x = torch.tensor(chunks)
         pos = torch.arange(opts.seq_len).unsqueeze(0)
@@ -324,26 +479,49 @@ def quantize_model(src: str | Path, text: str, opts: GPTQOptions, threads: int |
         for li, layer in enumerate(inner.layers):
             if progress:
                 progress("gptq", li, n_layers)
+            sequential = family.gptq_layer_groups(spec, li)  # each group sees the outputs of those before it
+            groups = list(sequential) if opts.true_sequential else [tuple(n for g in sequential for n in g)]
             float_out: list[Any] = []
+            under: dict[int, tuple[int, list[tuple[str, int]]]] = {}  # expert -> (tokens, matrices rounded)
             for gi, names in enumerate(groups):
-                sums = _hessian_pass(layer, names, hidden, pe, pos, last=gi == len(groups) - 1 or gi == 0,
+                targets, hooks = _targets(layer, names, family, spec)
+                sums = _hessian_pass(layer, hooks, family, hidden, pe, pos, last=gi == len(groups) - 1 or gi == 0,
                                      outputs=float_out if gi == 0 else None)
-                for n, (H, _count) in sums.items():
-                    m = layer.get_submodule(n)
-                    q_layer, deq = gptq_linear(m.weight, H, grid, opts.group_size, opts.act_order, opts.damp,
-                                               opts.block_size, opts.scale_search)
-                    rel_errors.append(float(torch.linalg.norm(m.weight - deq) / torch.linalg.norm(m.weight)))
-                    m.weight.copy_(deq)
-                    results[f"model.layers.{li}.{n}"] = q_layer
+                for t in targets:
+                    total, count = sums.get(t.key, (None, 0))
+                    if total is None and t.expert is None:
+                        raise KilnError(f"{src}: layer {li}: {t.name} was not called on the calibration tokens")
+                    W = t.weight
+                    base = family.checkpoint_name(f"model.layers.{li}.{t.name}.weight", spec)[: -len(".weight")]
+                    order = family.gguf_column_order(f"model.layers.{li}.{t.name}.weight", spec)
+                    if t.expert is not None and count < W.shape[1]:
+                        q_layer, deq = _in_column_order(
+                            order, lambda w: rtn_linear(w, grid, opts.group_size), W)
+                        under.setdefault(t.expert, (count, []))[1].append((t.name, W.shape[1]))
+                        fallbacks += 1
+                    else:
+                        H = 2.0 * total / max(count, 1)
+                        q_layer, deq = _in_column_order(
+                            order, lambda w, h: gptq_linear(w, h, grid, opts.group_size, opts.act_order, opts.damp,
+                                                            opts.block_size, opts.scale_search), W, H)
+                        _, rtn = _in_column_order(order, lambda w: rtn_linear(w, grid, opts.group_size), W)
+                        kind_errors.setdefault(t.kind, []).append((_output_error(W, deq, H), _output_error(W, rtn, H)))
+                    rel_errors.append(float(torch.linalg.norm(W - deq) / torch.linalg.norm(W)))
+                    W.copy_(deq)
+                    results[base] = q_layer
+            warnings += [_fallback_warning(li, e, n, m) for e, (n, m) in sorted(under.items())]
             hidden = [_layer_call(layer, h, pe, pos) for h in hidden]
             num = sum(float(torch.linalg.norm(a - b)) for a, b in zip(hidden, float_out))
             den = sum(float(torch.linalg.norm(b)) for b in float_out)
             out_errors.append(num / max(den, 1e-30))
         if progress:
             progress("gptq", n_layers, n_layers)
+    kinds = {k: {"gptq": float(np.mean([g for g, _ in v])), "rtn": float(np.mean([r for _, r in v])),
+                 "linears": len(v)} for k, v in kind_errors.items()}
     report = GPTQReport(out=src, grid=grid.name, layers=len(inner.layers), linears=len(results), chunks=len(chunks),
                         tokens=len(chunks) * opts.seq_len, seconds=time.perf_counter() - t0,
-                        mean_rel_error=float(np.mean(rel_errors)), output_error=float(np.mean(out_errors)))
+                        mean_rel_error=float(np.mean(rel_errors)), output_error=float(np.mean(out_errors)),
+                        kind_errors=kinds, rtn_fallbacks=fallbacks, warnings=warnings)
     return results, report, ckpt, model
 
 
@@ -355,6 +533,34 @@ def gptq_config(opts: GPTQOptions) -> GPTQConfig:
                       static_groups=opts.act_order, damp_percent=opts.damp, true_sequential=opts.true_sequential,
                       grid=grid.gguf_type, act_order=opts.act_order,
                       scale_search=opts.scale_search and grid.symmetric)
+
+
+def _packable(layer: GPTQLinear) -> GPTQLinear:
+    """qzeros packs the outputs 32/bits to a word: a linear with fewer or ragged outputs (Qwen3.5's in_proj_a /
+    in_proj_b have one row per value head, 4 in the tiny fixture) gets its last word padded with zero points,
+    which a reader drops (it keeps the first `scales.shape[1]` outputs: kiln.checkpoint.gptq.unpack_linear).
+    The published Qwen3.5 sizes (16 to 64 value heads) need no padding."""
+    per = 32 // layer.bits
+    n_out = layer.zeros.shape[1]
+    if n_out % per == 0:
+        return layer
+    pad = np.zeros((layer.zeros.shape[0], per - n_out % per), dtype=layer.zeros.dtype)
+    return GPTQLinear(q=layer.q, scales=layer.scales, zeros=np.concatenate([layer.zeros, pad], axis=1),
+                      g_idx=layer.g_idx, bits=layer.bits)
+
+
+def _fused_replaced(ckpt, linears: dict[str, GPTQLinear]) -> set[str]:
+    """The checkpoint's fused experts tensors (mlp.experts.gate_up_proj ...) whose every per-expert part is a
+    quantized linear: the GPTQ checkpoint holds those parts instead (GPTQModel's per-expert layout)."""
+    spec = ckpt.spec
+    family = families.of(spec)
+    parts: dict[str, list[str]] = {}
+    for hf, _, shape, row in family.tensors(spec):
+        if row.experts and row.fused:
+            fused = family.checkpoint_name(hf[: len(hf) - len(row.hf)] + row.fused[0], spec)
+            parts.setdefault(fused, []).extend(
+                family.checkpoint_name(hf.format(e=e), spec)[: -len(".weight")] for e in range(shape[0]))
+    return {f for f, bases in parts.items() if f in ckpt.tensors and all(b in linears for b in bases)}
 
 
 def write_gptq_checkpoint(ckpt, linears: dict[str, GPTQLinear], config: GPTQConfig, out: Path,
@@ -371,17 +577,27 @@ def write_gptq_checkpoint(ckpt, linears: dict[str, GPTQLinear], config: GPTQConf
     src = ckpt.spec.source
     raw = ckpt.tensors
     tensors: dict[str, torch.Tensor] = {}
+
+    def put(base: str) -> None:
+        for suffix, arr in pack_linear(_packable(linears[base])).items():
+            tensors[f"{base}.{suffix}"] = torch.from_numpy(np.ascontiguousarray(arr))
+
+    replaced = _fused_replaced(ckpt, linears)
     for name in raw.names():
         base = name[: -len(".weight")] if name.endswith(".weight") else None
         if base in linears:
-            for suffix, arr in pack_linear(linears[base]).items():
-                tensors[f"{base}.{suffix}"] = torch.from_numpy(np.ascontiguousarray(arr))
+            put(base)
+            continue
+        if name in replaced:  # fused experts: written one linear per expert, as GPTQ checkpoints hold them
             continue
         arr = raw.load_raw(name)
         t = torch.from_numpy(np.ascontiguousarray(arr))
         if raw.dtype(name) == "BF16":
             t = t.view(torch.bfloat16)
         tensors[name] = t
+    for base in linears:
+        if f"{base}.qweight" not in tensors:
+            put(base)
     cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
     cfg["quantization_config"] = config.to_json()
     with atomic_dir(out, may_replace("gptq", force)) as tmp:
@@ -410,6 +626,8 @@ def quantize_gptq(src: str | Path, out: str | Path, text: str, opts: GPTQOptions
     record = {"source": {"path": str(Path(src).resolve()), "sha256": ckpt.source_hash(),
                          "architecture": ckpt.spec.hf_architecture, "family": ckpt.spec.family},
               "options": {**opts.__dict__, "calibration_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}}
+    if report.warnings:
+        record["warnings"] = list(report.warnings)
     write_gptq_checkpoint(ckpt, linears, gptq_config(opts), out, record, force=force)
     report.out = out
     return report

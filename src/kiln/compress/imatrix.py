@@ -8,10 +8,18 @@ cache. For every matrix multiplication by a `blk.*` weight (and `output.weight` 
 number of tokens; the importance of column j is sum / tokens. q/k/v share one input (so one
 set of values), as do gate/up.
 
-The model runs in torch float32 on the CPU with forward hooks on its nn.Linear modules;
-llama-imatrix runs the GGUF in llama.cpp, so figures differ by that model's rounding only.
-Files are written in the legacy `.dat` format (kiln.compress.imatrix_file), which both
-llama-quantize and kiln's own `--imatrix` read.
+Which modules are hooked, and which GGUF tensors share each one's input, is the family's
+(`imatrix_layer_hooks`: per layer kind in a hybrid such as Qwen3.5). A mixture of experts' stacked
+tensors (ffn_gate_exps ...) get one slice per expert, each the mean over the tokens routed to that
+expert, as llama-imatrix accumulates a MUL_MAT_ID (per-expert counts); an expert no token reached
+gets 1 (what llama-imatrix stores for partial data). Where the GGUF reorders a tensor's input
+columns (Qwen3.5's ssm_out: value heads tiled) the entry is in the GGUF's column order, the one
+llama.cpp multiplies in and its quantizer reads.
+
+The model runs in torch float32 on the CPU with forward hooks on its modules; llama-imatrix runs
+the GGUF in llama.cpp, so figures differ by that model's rounding only. Files are written in the
+legacy `.dat` format (kiln.compress.imatrix_file), which both llama-quantize and kiln's own
+`--imatrix` read: per entry the mean times `ncall`, the chunks its busiest matrix's tokens fill.
 """
 
 from __future__ import annotations
@@ -49,6 +57,9 @@ class ImatrixResult:
     seconds: float
     process_output: bool
     notes: list[str] = field(default_factory=list)
+    # Tokens behind each entry, one count per matrix (per expert for a stacked experts tensor); where an entry
+    # is missing, every token of every chunk.
+    counts: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"entries": len(self.values), "chunks": self.chunks, "ctx": self.ctx, "tokens": self.tokens,
@@ -63,7 +74,8 @@ def _check_source(src: Path):
 
     if not src.exists():
         raise KilnError(f"{src}: no such file or directory")
-    supported = "/".join(sorted({f.name for f in families.FAMILIES.values() if f.imatrix_hooks is not None}))
+    supported = "/".join(sorted({f.name for f in families.FAMILIES.values() if f.imatrix_hooks is not None},
+                                key=lambda n: (len(n), n)))  # the plain decoders first
     claimed = families.for_source(src)
     if claimed is not None and claimed.imatrix_hooks is None:
         raise KilnError(f"{src}: {claimed.description}; imatrix supports {supported} layouts")
@@ -119,7 +131,7 @@ def compute_imatrix(src: str | Path, text: str, ctx: int = 512, chunks: int | No
         torch.set_num_threads(threads)
     try:
         model = float_model(src)
-        sums, counts, names, handles = _install_hooks(model, ckpt.spec, process_output, torch)
+        accs, handles = _install_hooks(model, ckpt.spec, process_output, torch)
         notes = []
         if process_output and ckpt.spec.tie_embeddings:
             notes.append("tied embeddings: the output matrix is token_embd.weight, which llama-imatrix "
@@ -143,56 +155,129 @@ def compute_imatrix(src: str | Path, text: str, ctx: int = 512, chunks: int | No
                 h.remove()
     finally:
         torch.set_num_threads(old_threads)
-    values = {}
-    for module_name, tensor_names in names.items():
-        if counts[module_name] != n_chunks * ctx:  # every product runs over every token of every chunk
-            raise RuntimeError(f"imatrix hook on {module_name} saw {counts[module_name]} tokens")
-        mean = (sums[module_name] / counts[module_name]).astype(np.float32)
+    values: dict[str, np.ndarray] = {}
+    entry_counts: dict[str, np.ndarray] = {}
+    tokens = n_chunks * ctx
+    for key, acc in accs.items():
+        routed = acc.expert_slots > 0
+        expected = tokens * acc.expert_slots if routed else tokens
+        if (acc.counts.sum() if routed else acc.counts[0]) != expected:
+            raise RuntimeError(f"imatrix hook on {key} saw {int(acc.counts.sum())} tokens, not {expected}")
+        if not acc.counts.any():
+            continue  # llama-imatrix skips an entry without data (no token reached any of its experts)
+        mean = np.where(acc.counts[:, None] > 0, acc.sums / np.maximum(acc.counts, 1)[:, None], 1.0)
+        mean = mean.astype(np.float32)
         if not np.all(np.isfinite(mean)):
-            raise KilnError(f"{src}: non-finite activations reaching {tensor_names[0]}")
-        for name in tensor_names:
-            values[name] = mean.copy()
+            raise KilnError(f"{src}: non-finite activations reaching {acc.tensors[0]}")
+        for name, order in zip(acc.tensors, acc.orders):
+            values[name] = np.ascontiguousarray((mean if order is None else mean[:, order]).reshape(-1))
+            entry_counts[name] = acc.counts.copy()
     return ImatrixResult(values=dict(sorted(values.items())), chunks=n_chunks, ctx=ctx, tokens=n_chunks * ctx,
                          text_tokens=len(ids), seconds=time.perf_counter() - start,
-                         process_output=process_output, notes=notes)
+                         process_output=process_output, notes=notes, counts=dict(sorted(entry_counts.items())))
 
 
-def _install_hooks(model, spec, process_output: bool, torch):
-    """Forward hooks accumulating sum of x² per input column (float64) and the token count."""
-    modules = dict(model.named_modules())
-    names: dict[str, list[str]] = {}
+@dataclass
+class _Acc:
+    """Σ x² per input column (float64) and the tokens, per matrix: one row, or one per expert of a stacked
+    tensor; `tensors` are the GGUF entries sharing this input, `orders` their GGUF column orders (None: as is)."""
+
+    sums: np.ndarray  # [matrices, width]
+    counts: np.ndarray  # [matrices]
+    tensors: list[str]
+    orders: list[np.ndarray | None]
+    expert_slots: int = 0  # experts each token is routed to (0: a plain product over every token)
+
+
+def _install_hooks(model, spec, process_output: bool, torch) -> tuple[dict[str, _Acc], list]:
+    """Forward hooks accumulating Σ x² per input column (float64) and the tokens, per hooked input."""
     from kiln import families
 
-    hooked = families.of(spec).imatrix_hooks  # one module per distinct input
-    for layer in range(spec.n_layers):
-        for suffix, tensors in hooked.items():
-            names[f"model.layers.{layer}.{suffix}"] = [f"blk.{layer}.{t}.weight" for t in tensors]
-    if process_output and not spec.tie_embeddings:
-        names["lm_head"] = ["output.weight"]
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
+    family = families.of(spec)
+    inner = model.model
+    inner = getattr(inner, "language_model", inner)  # a multimodal wrapper's text model
+    accs: dict[str, _Acc] = {}
     handles = []
-    for module_name in names:
-        module = modules.get(module_name)
-        if not isinstance(module, torch.nn.Linear):
-            raise KilnError(f"{spec.source}: the transformers model has no linear layer {module_name}")
-        sums[module_name] = np.zeros(module.in_features, dtype=np.float64)
-        counts[module_name] = 0
 
-        def hook(mod, inputs, output, key=module_name):
+    def acc_for(key: str, width: int, n_mat: int, layer: int | None, tensors: tuple[str, ...], slots: int) -> _Acc:
+        names = [f"blk.{layer}.{t}.weight" for t in tensors] if layer is not None else list(tensors)
+        orders = []
+        for name in names:
+            hf = family.hf_name(name) if layer is not None else None
+            orders.append(family.gguf_column_order(hf, spec) if hf is not None else None)
+        accs[key] = _Acc(np.zeros((n_mat, width)), np.zeros(n_mat, dtype=np.int64), names, orders, slots)
+        return accs[key]
+
+    def plain_hook(acc: _Acc, row: int):
+        def fn(_mod, inputs, _out):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
-            sums[key] += x.square().sum(dim=0).numpy()
-            counts[key] += x.shape[0]
+            acc.sums[row] += x.square().sum(dim=0).numpy()
+            acc.counts[row] += x.shape[0]
+        return fn
 
-        handles.append(module.register_forward_hook(hook))
-    return sums, counts, names, handles
+    def fused_hook(by_attr: dict[str, _Acc]):
+        def fn(mod, args, kwargs, _out):
+            x = args[0] if args else kwargs["hidden_states"]
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            for e, ins in family.expert_inputs(mod, x.reshape(-1, x.shape[-1]), index, set(by_attr)):
+                for attr, acc in by_attr.items():
+                    a = ins[attr].detach().to(torch.float64)
+                    acc.sums[e] += a.square().sum(dim=0).numpy()
+                    acc.counts[e] += a.shape[0]
+        return fn
+
+    def weight_of(module):
+        w = getattr(module, "weight", None)
+        if w is None or w.ndim != 2:
+            raise KilnError(f"{spec.source}: the transformers model's {type(module).__name__} has no weight matrix")
+        return w
+
+    for layer, block in enumerate(inner.layers):
+        fused: dict[str, dict[str, _Acc]] = {}  # experts module -> fused parameter -> its accumulator
+        for suffix, tensors in family.imatrix_layer_hooks(spec, layer).items():
+            key = f"model.layers.{layer}.{suffix}"
+            if "{e}" not in suffix:
+                try:
+                    module = block.get_submodule(suffix)
+                except AttributeError:
+                    raise KilnError(f"{spec.source}: the transformers model has no module {key}") from None
+                acc = acc_for(key, weight_of(module).shape[1], 1, layer, tensors, 0)
+                handles.append(module.register_forward_hook(plain_hook(acc, 0)))
+                continue
+            n = spec.n_experts
+            try:
+                per_expert = [block.get_submodule(suffix.format(e=e)) for e in range(n)]
+            except AttributeError:
+                per_expert = None
+            if per_expert is not None:  # one module per expert, each called on its routed tokens
+                acc = acc_for(key, weight_of(per_expert[0]).shape[1], n, layer, tensors, spec.n_experts_used)
+                handles += [m.register_forward_hook(plain_hook(acc, e)) for e, m in enumerate(per_expert)]
+                continue
+            where = family.fused_expert(suffix)
+            if where is None:
+                raise KilnError(f"{spec.source}: the transformers model holds neither {key.format(e=0)} nor a fused "
+                                "experts tensor for it")
+            path, _, attr = where[0].rpartition(".")
+            param = getattr(block.get_submodule(path), attr)
+            acc = acc_for(key, param.shape[2], n, layer, tensors, spec.n_experts_used)
+            fused.setdefault(path, {})[attr] = acc
+        for path, by_attr in fused.items():
+            handles.append(block.get_submodule(path).register_forward_hook(fused_hook(by_attr), with_kwargs=True))
+    if process_output and not spec.tie_embeddings:
+        acc = acc_for("lm_head", model.lm_head.weight.shape[1], 1, None, ("output.weight",), 0)
+        handles.append(model.lm_head.register_forward_hook(plain_hook(acc, 0)))
+    return accs, handles
 
 
 def save_imatrix(result: ImatrixResult, path: str | Path, dataset: str = "") -> Path:
-    """Write `result` in llama.cpp's legacy `.dat` format (ncall = chunks, as llama-imatrix writes it)."""
+    """Write `result` in llama.cpp's legacy `.dat` format as llama-imatrix writes it: per entry ncall = the
+    chunks its busiest matrix's tokens fill, rounded up (every chunk for a plain product; for a stacked experts
+    tensor, the busiest expert's count), and the chunk count at the end."""
     from kiln.compress.imatrix_file import write_legacy_imatrix
 
-    return write_legacy_imatrix(path, result.values, ncall=result.chunks, dataset=dataset)
+    ncalls = {name: max(1, -(-int(result.counts[name].max()) // result.ctx)) if name in result.counts
+              else result.chunks for name in result.values}
+    return write_legacy_imatrix(path, result.values, ncall=ncalls, dataset=dataset, chunks=result.chunks)
 
 
 def write_imatrix(src: str | Path, out: str | Path, text: str, dataset: str, ctx: int = 512,

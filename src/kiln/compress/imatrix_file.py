@@ -84,10 +84,18 @@ def _read_gguf(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def write_legacy_imatrix(path: str | Path, values: dict[str, np.ndarray], ncall: int,
-                         dataset: str = "") -> Path:
-    """Write the legacy `.dat` format (`values` already averaged per token, like llama-imatrix)."""
+def write_legacy_imatrix(path: str | Path, values: dict[str, np.ndarray], ncall: int | dict[str, int],
+                         dataset: str = "", chunks: int | None = None) -> Path:
+    """Write the legacy `.dat` format (`values` already averaged per token, like llama-imatrix): per entry its
+    name, ncall (one number, or per entry: llama-imatrix writes each entry's own) and the values times ncall;
+    then the chunk count (`chunks`, default the one ncall) and the dataset name. A stacked experts entry is
+    its experts' values one after another (llama.cpp's quantizer takes expert e's from offset e x columns)."""
     path = Path(path)
+    calls = ncall if isinstance(ncall, dict) else dict.fromkeys(values, ncall)
+    if chunks is None:
+        if isinstance(ncall, dict):
+            raise ValueError("write_legacy_imatrix: per-entry ncall needs the chunk count")
+        chunks = ncall
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<i", len(values)))
         for name, vals in values.items():
@@ -95,9 +103,9 @@ def write_legacy_imatrix(path: str | Path, values: dict[str, np.ndarray], ncall:
             vals = np.asarray(vals, dtype="<f4")
             f.write(struct.pack("<i", len(encoded)))
             f.write(encoded)
-            f.write(struct.pack("<ii", ncall, vals.size))
-            f.write((vals * ncall).astype("<f4").tobytes())
+            f.write(struct.pack("<ii", calls[name], vals.size))
+            f.write((vals * calls[name]).astype("<f4").tobytes())
         encoded = dataset.encode()
-        f.write(struct.pack("<ii", ncall, len(encoded)))
+        f.write(struct.pack("<ii", chunks, len(encoded)))
         f.write(encoded)
     return path

@@ -23,11 +23,12 @@ from gguf.quants import quantize
 from kiln.atomic import atomic_file, temp_prefix
 from kiln.bytelevel import describe, essential_missing, missing_bytes
 from kiln.checkpoint import Checkpoint
+from kiln.checkpoint.gptq import GPTQLinear
 from kiln.checkpoint.rope import RopeSettings
 from kiln.compress.llama_quant import QuantType, quantize_gguf
 from kiln import families
 from kiln.errors import KilnError
-from kiln.export.gguf_blocks import gguf_blocks, gguf_type_for, q4_1_min_error
+from kiln.export.gguf_blocks import gguf_blocks, gguf_moves, gguf_type_for, q4_1_min_error
 from kiln.export.gguf_meta import llama3_rope_factors, write_hparams, write_tokenizer
 from kiln.gguf_header import GGUFFile, open_gguf
 from kiln.outputs import check_output, may_replace
@@ -43,14 +44,15 @@ class GGUFStats:
     n_elements: int
 
 
-def _planned(ckpt: Checkpoint, rope: RopeSettings) -> Iterator[tuple[str, str | None, tuple[int, ...], bool]]:
-    """(gguf name, hf name or None for generated tensors, numpy shape, kept float32) in write order.
-    A mixture of experts' stacked tensors have the expert count in front (families.base.TensorRow)."""
+def _planned(ckpt: Checkpoint, rope: RopeSettings) -> Iterator[tuple[str, str | None, tuple[int, ...], bool,
+                                                                    families.TensorRow | None]]:
+    """(gguf name, hf name or None for generated tensors, numpy shape, kept float32, its family row) in write
+    order. A mixture of experts' stacked tensors have the expert count in front (families.base.TensorRow)."""
     spec = ckpt.spec
     if rope.type == "llama3":
-        yield "rope_freqs.weight", None, (spec.head_dim // 2,), True
+        yield "rope_freqs.weight", None, (spec.head_dim // 2,), True, None
     for hf, gguf, shape, row in families.of(spec).tensors(spec):
-        yield gguf, hf, shape, row.f32
+        yield gguf, hf, shape, row.f32, row
 
 
 def _convert(arr: np.ndarray, qtype: Q) -> np.ndarray:
@@ -84,12 +86,38 @@ def default_quant(ckpt: Checkpoint) -> str:
     return "q4_0" if g.sym else "q4_1"
 
 
-def gptq_plan(ckpt: Checkpoint, quant: QuantType) -> tuple[dict[str, Q], list[str]]:
-    """GPTQ linears that go into the GGUF as their own blocks, and a warning for those that cannot.
+def _gptq_parts(ckpt: Checkpoint, hf: str, shape: tuple[int, ...],
+                row: families.TensorRow) -> list[tuple[str, GPTQLinear | None, str]]:
+    """The GPTQ linears the GGUF tensor `hf` (a family `tensors()` row) is made of, each moved into the GGUF's
+    layout (rows and input columns as the family's transform orders them, groups following their columns):
+    one for a matrix, one per expert slot, in the GGUF's expert order, for a stacked row (`TensorRow.experts`).
+    Each is (checkpoint linear, layout or None, why it has none); [] where the tensor holds no GPTQ linear."""
+    spec = ckpt.spec
+    family = families.of(spec)
+    linears = set(ckpt.tensors.linears)
+    names = [hf.format(e=e) for e in range(shape[0])] if row.experts else [hf]
+    bases = [family.checkpoint_name(n, spec)[: -len(".weight")] for n in names if n.endswith(".weight")]
+    held = [b for b in bases if b in linears]
+    if not held:
+        return []
+    if len(held) < len(names):
+        return [(b, None, "stacked with experts that are not GPTQ linears") for b in held]
+    moves = gguf_moves(lambda w: family.to_gguf(hf, w, spec), shape)
+    if moves is None:
+        return [(b, None, "the GGUF's transform of the tensor is not a reordering") for b in bases]
+    order = (moves[0] if moves[0] is not None else range(shape[0])) if row.experts else [0]
+    rows, cols = moves[-2:]
+    return [(bases[k], ckpt.tensors.linear(bases[k]).reordered(rows, cols), "") for k in order]
 
-    Only linears whose GPTQ grid *is* a GGUF block of the requested type are kept exactly;
-    the rest are dequantized here and requantized by llama.cpp, which loses the calibration's
-    rounding decisions (the warning says why, and which --quant would keep them).
+
+def gptq_plan(ckpt: Checkpoint, quant: QuantType) -> tuple[dict[str, Q], list[str]]:
+    """GGUF tensors (family `tensors()` names) written as their GPTQ linears' own blocks, and a warning for
+    the linears that cannot be.
+
+    Only linears whose GPTQ grid *is* a GGUF block of the requested type are kept exactly, in the GGUF's
+    layout (reordered rows and columns, experts stacked); the rest are dequantized here and requantized by
+    llama.cpp, which loses the calibration's rounding decisions (the warning says why, and which --quant
+    would keep them).
     """
     if ckpt.gptq is None:
         return {}, []
@@ -98,19 +126,26 @@ def gptq_plan(ckpt: Checkpoint, quant: QuantType) -> tuple[dict[str, Q], list[st
     reasons: dict[str, int] = {}
     exact_type = None
     min_error = 0.0
-    for base in ckpt.tensors.linears:
-        layer = ckpt.tensors.linear(base)
-        t, why = gguf_type_for(layer, ckpt.gptq.group_size)
-        if t is not None:
-            exact_type = t
-        if t is not None and t == target:
-            plan[f"{base}.weight"] = t
-            if t == Q.Q4_1:
-                min_error = max(min_error, q4_1_min_error(layer))
+    for hf, _, shape, row in families.of(ckpt.spec).tensors(ckpt.spec):
+        parts = _gptq_parts(ckpt, hf, shape, row)
+        found = []
+        for _, layer, why in parts:
+            t = None
+            if layer is not None:
+                t, why = gguf_type_for(layer, ckpt.gptq.group_size)
+            if t is not None:
+                exact_type = t
+                if t != target:
+                    t, why = None, f"its exact GGUF type is {t.name.lower()}, not {quant.name}"
+            found.append((t, why, layer))
+        if found and target is not None and all(t == target for t, _, _ in found):
+            plan[hf] = target
+            if target == Q.Q4_1:
+                min_error = max(min_error, *(q4_1_min_error(layer) for _, _, layer in found))
             continue
-        if t is not None:
-            why = f"its exact GGUF type is {t.name.lower()}, not {quant.name}"
-        reasons[why] = reasons.get(why, 0) + 1
+        for t, why, _ in found:
+            why = why or "stacked with experts that have no exact GGUF block"
+            reasons[why] = reasons.get(why, 0) + 1
     warnings = []
     for why, n in reasons.items():
         hint = f" (--quant {exact_type.name.lower()} keeps them bit for bit)" if exact_type is not None else ""
@@ -120,6 +155,17 @@ def gptq_plan(ckpt: Checkpoint, quant: QuantType) -> tuple[dict[str, Q], list[st
         warnings.append(f"Q4_1 stores the block minimum as float16: GPTQ zero·scale rounded by up to {min_error:.3g} "
                         "(kiln's own q4_1 grid is exact)")
     return plan, warnings
+
+
+def gptq_tensor(ckpt: Checkpoint, hf: str, shape: tuple[int, ...], row: families.TensorRow, qtype: Q) -> np.ndarray:
+    """Raw GGUF bytes of the GGUF tensor `hf` from its GPTQ linears (`gptq_plan`): each linear's blocks in the
+    GGUF's layout, a stacked row's experts stacked on the first axis as the GGUF orders them."""
+    blocks = []
+    for base, layer, why in _gptq_parts(ckpt, hf, shape, row):
+        if layer is None:
+            raise KilnError(f"{base}: no exact GGUF form ({why})")
+        blocks.append(gguf_blocks(layer, qtype))
+    return np.stack(blocks) if row.experts else blocks[0]
 
 
 def write_direct_gguf(ckpt: Checkpoint, dest: Path, qtype: Q, file_type: int, rope: RopeSettings,
@@ -138,7 +184,7 @@ def write_direct_gguf(ckpt: Checkpoint, dest: Path, qtype: Q, file_type: int, ro
     write_hparams(w, spec, rope, file_type)
     write_tokenizer(w, spec)
     plan = list(_planned(ckpt, rope))
-    for name, hf, shape, f32 in plan:
+    for name, hf, shape, f32, _ in plan:
         if hf in blocks:
             t = blocks[hf]
             block, nbytes = GGML_QUANT_SIZES[t]
@@ -150,10 +196,9 @@ def write_direct_gguf(ckpt: Checkpoint, dest: Path, qtype: Q, file_type: int, ro
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for i, (name, hf, shape, f32) in enumerate(plan):
+    for i, (name, hf, shape, f32, row) in enumerate(plan):
         if hf in blocks:
-            raw = gguf_blocks(ckpt.tensors.linear(hf[: -len(".weight")]), blocks[hf])
-            w.write_tensor_data(family.to_gguf(hf, raw, spec))
+            w.write_tensor_data(gptq_tensor(ckpt, hf, shape, row, blocks[hf]))
             if progress:
                 progress("convert", i + 1, len(plan))
             continue

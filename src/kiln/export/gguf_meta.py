@@ -52,10 +52,13 @@ def write_hparams(w: GGUFWriter, spec: ModelSpec, rope: RopeSettings, file_type:
     lic = license_id(spec.license)
     if lic:
         w.add_license(lic)
-    w.add_block_count(spec.n_layers)
+    w.add_block_count(spec.n_layers + spec.mtp_layers)  # multi-token prediction blocks follow the decoder's
+    if spec.mtp_layers:
+        w.add_nextn_predict_layers(spec.mtp_layers)
     w.add_context_length(int(rope.context_length or spec.context_length))
     w.add_embedding_length(spec.hidden_size)
-    w.add_feed_forward_length(spec.intermediate_size)
+    if spec.intermediate_size:  # 0: no dense width (Qwen3.5-MoE's config has none, so the converter writes none)
+        w.add_feed_forward_length(spec.intermediate_size)
     w.add_head_count(spec.n_heads)
     w.add_head_count_kv(spec.n_kv_heads)
     w.add_layer_norm_rms_eps(spec.rms_norm_eps)
@@ -94,7 +97,8 @@ def write_linear_attention(w: GGUFWriter, spec: ModelSpec) -> None:
     w.add_ssm_time_step_rank(spec.linear_v_heads)
     w.add_ssm_inner_size(spec.linear_v_dim * spec.linear_v_heads)
     # Not in gguf 0.19.0's writer; the key and type of the bundled gguf-py's add_recurrent_layers.
-    w.add_array(f"{w.arch}.attention.recurrent_layers", [t == "linear_attention" for t in spec.layer_types])
+    w.add_array(f"{w.arch}.attention.recurrent_layers",
+                [t == "linear_attention" for t in spec.layer_types] + [False] * spec.mtp_layers)
     w.add_full_attention_interval(spec.full_attention_interval)
 
 

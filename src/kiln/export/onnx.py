@@ -11,7 +11,12 @@ its own graphs. Two things it gets wrong for kiln's purposes are fixed here (DES
   graph's positions and the reference model's can never disagree;
 * its graphs derive positions from the attention mask only. kiln adds a `position_ids`
   input wired to every GroupQueryAttention node (and declares it in genai_config.json, so
-  onnxruntime-genai feeds it too), which lets an engine place tokens at any position.
+  onnxruntime-genai feeds it too), which lets an engine place tokens at any position. A graph
+  that rotates outside attention (Qwen3.5's MRotaryEmbedding nodes) has a position_ids input
+  of its own ([3, batch, seq]), and only its rotary tables are rewritten.
+
+What the builder needs to see differs by family (Qwen3.5: its multimodal config layout, extra
+builder options): the family says it (`onnx_builder_config`, `onnx_builder_options`).
 
 It also takes any linear layer whose width equals the vocabulary size for the LM head,
 so such checkpoints are refused before building instead of producing a wrong graph.
@@ -37,6 +42,7 @@ from kiln import families
 from kiln.checkpoint.reader import Checkpoint
 from kiln.checkpoint.rope import RopeSettings
 from kiln.errors import KilnError
+from kiln.jsonfile import read_json_object
 
 PRECISIONS = ("fp32", "fp16", "int4", "int8")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -47,6 +53,12 @@ MODEL_FILE = "model.onnx"
 POSITION_IDS = "position_ids"
 GQA = "GroupQueryAttention"
 GQA_POSITION_INPUT = 9  # com.microsoft GroupQueryAttention input index of position_ids
+GQA_COS, GQA_SIN = 7, 8  # ... and of its rotary tables (used when do_rotary=1)
+# Rotary nodes outside attention (com.microsoft RotaryEmbedding / MRotaryEmbedding): their cos / sin tables
+ROTARY_NODES = {"RotaryEmbedding": (2, 3), "MRotaryEmbedding": (2, 3)}
+# rope_parameters entries that say which dimensions rotate and how (partial rotary, MRoPE sections), not how
+# positions scale: kept when kiln restates the rope settings (as kiln.checkpoint.hf_model does)
+ROPE_LAYOUT_KEYS = ("partial_rotary_factor", "mrope_section", "mrope_interleaved")
 
 Progress = Callable[[str, int, int], None]
 
@@ -143,12 +155,14 @@ def staged_config(spec_config: dict[str, Any], architecture: str, rope: RopeSett
     """config.json with the effective rope settings (or plain RoPE, for the builder) and context."""
     config = dict(spec_config)
     config["architectures"] = [architecture]  # e.g. Arbor's Llama-style layout says ArborForCausalLM
+    block = config.pop("rope_parameters", None) or config.get("rope_scaling") or {}
+    kept = {k: v for k, v in block.items() if k in ROPE_LAYOUT_KEYS} if isinstance(block, dict) else {}
     config.pop("rope_scaling", None)
     config.pop("rope_theta", None)
     if plain:
-        config["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+        config["rope_parameters"] = {**kept, "rope_type": "default", "rope_theta": theta}
     else:
-        config["rope_parameters"] = rope.hf_rope_parameters(theta)
+        config["rope_parameters"] = {**kept, **rope.hf_rope_parameters(theta)}
     context = int(rope.context_length or spec_config.get("max_position_embeddings") or 0)
     config["max_position_embeddings"] = max(context, 1)
     return config
@@ -188,10 +202,10 @@ def _stage_source(spec_source: Path, stage: Path, config: dict[str, Any]) -> Non
 
 
 def _run_builder(stage: Path, out: Path, cache: Path, options: OnnxOptions, n_layers: int,
-                 tied_embeddings: bool, progress: Progress | None) -> None:
+                 tied_embeddings: bool, progress: Progress | None, family_options: tuple[str, ...] = ()) -> None:
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(stage), "-o", str(out),
            "-p", options.precision, "-e", options.execution_provider, "-c", str(cache)]
-    extra = options.builder_options(tied_embeddings)
+    extra = [*family_options, *options.builder_options(tied_embeddings)]
     if extra:
         cmd += ["--extra_options", *extra]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1")
@@ -212,7 +226,8 @@ def _run_builder(stage: Path, out: Path, cache: Path, options: OnnxOptions, n_la
 
 
 def _patch_graph(out: Path, cos: np.ndarray, sin: np.ndarray) -> dict[str, int]:
-    """Add `position_ids` to every GQA node and write kiln's rotary tables over the builder's."""
+    """Add `position_ids` to every GQA node (where the graph has no position input of its own) and write
+    kiln's rotary tables over the builder's (GQA's own, or those of rotary nodes outside attention)."""
     import onnx
 
     model_path = out / MODEL_FILE
@@ -221,17 +236,31 @@ def _patch_graph(out: Path, cos: np.ndarray, sin: np.ndarray) -> dict[str, int]:
     gqa = [n for n in graph.node if n.op_type == GQA]
     if not gqa:
         raise KilnError(f"{model_path}: the builder wrote no {GQA} nodes; kiln cannot place positions in this graph")
-    if not any(i.name == POSITION_IDS for i in graph.input):
+    # A graph with its own position_ids (MRoPE: [3, batch, seq]) places positions itself, in rotary nodes
+    # before attention; kiln's [batch, seq] input goes to GQA's fused rotary otherwise.
+    own_positions = any(i.name == POSITION_IDS for i in graph.input)
+    if not own_positions:
         graph.input.append(onnx.helper.make_tensor_value_info(
             POSITION_IDS, onnx.TensorProto.INT64, ["batch_size", "sequence_length"]))
     tables = {}
     for node in gqa:
+        rotary = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "do_rotary"), 0)
+        if own_positions and not rotary:
+            continue
         inputs = list(node.input) + [""] * max(0, GQA_POSITION_INPUT + 1 - len(node.input))
         inputs[GQA_POSITION_INPUT] = POSITION_IDS
-        tables[inputs[7]] = cos
-        tables[inputs[8]] = sin
+        tables[inputs[GQA_COS]] = cos
+        tables[inputs[GQA_SIN]] = sin
         del node.input[:]
         node.input.extend(inputs)
+    for node in graph.node:
+        if node.op_type in ROTARY_NODES:
+            c, s = ROTARY_NODES[node.op_type]
+            tables[node.input[c]] = cos
+            tables[node.input[s]] = sin
+    if not tables:
+        raise KilnError(f"{model_path}: no rotary tables found (neither in {GQA} nor in rotary nodes); kiln "
+                        "cannot make this graph's positions match the source")
     found = set()
     for init in graph.initializer:
         if init.name not in tables:
@@ -308,11 +337,14 @@ def export_onnx(ckpt: Checkpoint, out: Path, options: OnnxOptions, rope: RopeSet
         raise KilnError("ONNX export needs onnxruntime-genai (pip install 'kiln-llm[onnx]')") from None
     context = int(rope.context_length or spec.context_length)
     # named like kiln.atomic's temporaries, so the recipe runner's sweep clears it after a crash
+    family = families.of(spec)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.kiln-", suffix=".onnx.part", dir=out.parent) as work:
         stage = Path(work) / "source"
         plain = staged_config(spec.config, spec.hf_architecture, rope, spec.rope_theta, plain=True)
+        plain = family.onnx_builder_config(plain, read_json_object(spec.source / "config.json"))
         _stage_source(spec.source, stage, plain)
-        _run_builder(stage, out, Path(work) / "cache", options, spec.n_layers, spec.tie_embeddings, progress)
+        _run_builder(stage, out, Path(work) / "cache", options, spec.n_layers, spec.tie_embeddings, progress,
+                     family.onnx_builder_options)
     if progress:
         progress("rotary tables", 0, 1)
     real = staged_config(spec.config, spec.hf_architecture, rope, spec.rope_theta, plain=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 # Each import registers its classes. Order matters only among families that claim paths: nanoGPT's
 # ckpt.pt before native Arbor, which claims any other torch file.
-from kiln.families import gpt2, llama, nanogpt, qwen2, qwen2_moe, qwen3, qwen3_5, qwen3_moe  # noqa: F401, I001
+from kiln.families import gpt2, llama, nanogpt, qwen2, qwen2_moe, qwen3, qwen3_5, qwen3_5_moe, qwen3_moe  # noqa: F401, I001
 from kiln.families import arbor  # noqa: F401, E402, I001
 from kiln.families.base import Family, TensorRow
 from kiln.families.registry import (FAMILIES, TensorDetection, by_name, claiming, detected_config, detection_for,

@@ -109,6 +109,12 @@ DECODER_IMATRIX_HOOKS: dict[str, tuple[str, ...]] = {
     "self_attn.q_proj": ("attn_q", "attn_k", "attn_v"), "self_attn.o_proj": ("attn_output",),
     "mlp.gate_proj": ("ffn_gate", "ffn_up"), "mlp.down_proj": ("ffn_down",),
 }
+# In both, a name holding "{e}" is a mixture of experts' per-expert linear ("mlp.experts.{e}.gate_proj"): GPTQ
+# quantizes each expert from the calibration tokens routed to it, and the imatrix entry is the stacked GGUF
+# tensor's, one slice per expert (llama-imatrix's per-expert counts). Where transformers holds the experts fused
+# (`TensorRow.fused`), the family's `expert_inputs` says what each expert's matrices read.
+
+_COLUMN_ORDERS: dict[tuple[Any, ...], np.ndarray | None] = {}
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -174,9 +180,20 @@ class Family:
     # --- ONNX: onnxruntime-genai's builder maps this architecture onto its GroupQueryAttention decoder
     onnx_builder: ClassVar[bool] = True
     onnx_precisions: ClassVar[tuple[str, ...] | None] = None  # None: every precision the builder writes
+    # why only `onnx_precisions` (the refusal of another precision says it)
+    onnx_precisions_reason: ClassVar[str] = "kiln writes that graph itself; onnxruntime-genai's builder does not take the family"
+    # `--extra_options KEY=VALUE` the builder always needs for this family (kiln.export.onnx adds its own)
+    onnx_builder_options: ClassVar[tuple[str, ...]] = ()
+    # The builder stores every (Skip)SimplifiedLayerNormalization weight as this offset + w (its add_offset, for
+    # families whose RMSNorm applies (1 + w)); kiln.verify.onnx_weights subtracts it reading the weights back.
+    onnx_norm_offset: ClassVar[float] = 0.0
     # --- calibration (None: GPTQ / imatrix do not support the family)
     gptq_groups: ClassVar[tuple[tuple[str, ...], ...] | None] = DECODER_GPTQ_GROUPS
     imatrix_hooks: ClassVar[dict[str, tuple[str, ...]] | None] = DECODER_IMATRIX_HOOKS
+    # A hybrid decoder's layers of another kind (ModelSpec.layer_types entry -> its groups / hooks); a layer whose
+    # kind is not listed uses gptq_groups / imatrix_hooks.
+    gptq_groups_by_kind: ClassVar[dict[str, tuple[tuple[str, ...], ...]]] = {}
+    imatrix_hooks_by_kind: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {}
 
     # ------------------------------------------------------------------ config
     @classmethod
@@ -230,6 +247,14 @@ class Family:
             license=_license(directory),
             config=config,
         )
+
+    # ------------------------------------------------------------------ ONNX (onnxruntime-genai's builder)
+    @classmethod
+    def onnx_builder_config(cls, staged: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
+        """config.json as the builder must read it (staged beside the checkpoint's own weight files), from
+        kiln's staged text config (`staged`: the rope settings to build with) and the checkpoint's config.json
+        (`source`). The staged config itself for a family the builder takes as transformers saves it."""
+        return staged
 
     # ------------------------------------------------------------------ tensors
     @classmethod
@@ -329,6 +354,12 @@ class Family:
         return []
 
     @classmethod
+    def position_scope(cls, spec: ModelSpec) -> dict[str, Any]:
+        """What the manifest's `rope` record adds about the layers positions reach: a hybrid's recurrent layers
+        have no positions, so a baked context or RoPE scaling bounds only its attention layers."""
+        return {}
+
+    @classmethod
     def transform_dims(cls, spec: ModelSpec | None = None, header: Any = None) -> dict[str, int]:
         """What the family's row transforms need to know, from a ModelSpec or from a GGUF header."""
         return {}
@@ -405,6 +436,62 @@ class Family:
         if row is not None and row.transform:
             return getattr(cls, f"transform_{row.transform}")(w, cls.transform_dims(header=header), True)
         return w
+
+    # ------------------------------------------------------------------ calibration (GPTQ, imatrix)
+    @classmethod
+    def gptq_layer_groups(cls, spec: ModelSpec, layer: int) -> tuple[tuple[str, ...], ...]:
+        """GPTQ's sequential groups for decoder layer `layer` (by its kind in a hybrid decoder)."""
+        kind = spec.layer_types[layer] if spec.layer_types else None
+        groups = cls.gptq_groups_by_kind.get(kind) if kind is not None else None
+        if groups is None and cls.gptq_groups is None:
+            raise KilnError(f"{spec.source}: GPTQ does not support {cls.description or cls.name} layouts")
+        return groups if groups is not None else cls.gptq_groups  # type: ignore[return-value]
+
+    @classmethod
+    def imatrix_layer_hooks(cls, spec: ModelSpec, layer: int) -> dict[str, tuple[str, ...]]:
+        """The imatrix's hooked modules -> GGUF tensors sharing that input, for decoder layer `layer`."""
+        kind = spec.layer_types[layer] if spec.layer_types else None
+        hooks = cls.imatrix_hooks_by_kind.get(kind) if kind is not None else None
+        if hooks is None and cls.imatrix_hooks is None:
+            raise KilnError(f"{spec.source}: imatrix does not support {cls.description or cls.name} layouts")
+        return hooks if hooks is not None else cls.imatrix_hooks  # type: ignore[return-value]
+
+    @classmethod
+    def fused_expert(cls, suffix: str) -> tuple[str, int, int] | None:
+        """For a per-expert linear ("mlp.experts.{e}.gate_proj"): (fused parameter suffix, part, parts) of the
+        layout transformers 5 holds it in (`TensorRow.fused`), or None."""
+        row = cls._row(f"model.layers.0.{suffix}.weight")
+        return None if row is None else row.fused
+
+    @classmethod
+    def expert_inputs(cls, experts: Any, hidden: Any, top_k_index: Any, wanted: Collection[str]):
+        """Yield (expert, {fused parameter name: the input its matrix multiplies}) for every expert that
+        `top_k_index` routes a token to, from a fused experts module's call (hidden [tokens, width])."""
+        raise KilnError(f"{cls.name}: no mixture of experts")
+
+    @classmethod
+    def gguf_column_order(cls, hf: str, spec: ModelSpec) -> np.ndarray | None:
+        """For a linear's weight `hf` (a `tensors()` name): the checkpoint column each GGUF column holds, where
+        the row's transform reorders input columns (Qwen3.5's ssm_out: value heads tiled); None where the GGUF
+        keeps the checkpoint's column order. GPTQ groups and imatrix entries follow the GGUF order: it is the one
+        llama.cpp's blocks and quantizer see. Found by sending column indices through `to_gguf`."""
+        row = cls._row(hf)
+        if row is None or row.transform is None or row.experts:
+            return None
+        shape = row.hf_shape(spec) if row.hf_shape else row.shape(spec)
+        if len(shape) != 2:
+            return None
+        dims = cls.transform_dims(spec=spec)
+        key = (cls, row.hf, tuple(shape), tuple(sorted(dims.items())))
+        if key not in _COLUMN_ORDERS:
+            idx = np.ascontiguousarray(np.broadcast_to(np.arange(shape[1], dtype=np.float32), shape))
+            out = np.asarray(cls.to_gguf(hf, idx, spec))
+            order = out[0].astype(np.int64)
+            if out.shape != tuple(shape) or not np.array_equal(out, np.broadcast_to(out[0], out.shape)) \
+                    or not np.array_equal(np.sort(order), np.arange(shape[1])):
+                raise KilnError(f"{hf}: its GGUF transform is not a row and column permutation")
+            _COLUMN_ORDERS[key] = None if np.array_equal(order, np.arange(shape[1])) else order
+        return _COLUMN_ORDERS[key]
 
     # ------------------------------------------------------------------ cost model
     @classmethod

@@ -9,18 +9,20 @@ transformers 5 checkpoints) fused as `mlp.experts.gate_up_proj` / `mlp.experts.d
 
 What llama.cpp cannot run is refused when the config is read, with the reason: dense layers mixed in
 (`mlp_only_layers`, `decoder_sparse_step`), top-k renormalisation other than the graph's, and (Qwen2-MoE)
-tied embeddings, since llama.cpp's qwen2moe needs its own `output.weight`. GPTQ and the imatrix do not
-visit experts yet, and onnxruntime-genai's builder has no Qwen2-MoE / Qwen3-MoE, so those refuse too.
+tied embeddings, since llama.cpp's qwen2moe needs its own `output.weight`. onnxruntime-genai's builder has no
+Qwen2-MoE / Qwen3-MoE, so ONNX export refuses too. GPTQ and the imatrix visit every expert with the calibration
+tokens routed to it (`gptq_groups`, `imatrix_hooks`, `expert_inputs`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, ClassVar
 
 from kiln.checkpoint.spec import ModelSpec
 from kiln.errors import KilnError
-from kiln.families.base import DECODER_LAYER, Family, TensorRow, _int
+from kiln.families.base import DECODER_GPTQ_GROUPS, DECODER_IMATRIX_HOOKS, DECODER_LAYER, Family, TensorRow, _int
 from kiln.families.registry import register
 
 # Attention and the two norms: the Llama-shaped layer without its dense MLP.
@@ -56,8 +58,20 @@ class Qwen2Moe(Family):
     layer_rows = (*MOE_ATTENTION, *MOE_EXPERTS, *SHARED_EXPERT)
     onnx_builder = False  # onnxruntime-genai's builder has no Qwen2-MoE (its CPU MoE ops are another family's)
     onnx_precisions = ()  # so `kiln export onnx` refuses before reading the checkpoint
-    gptq_groups = None  # GPTQ over experts (each sees only its routed tokens) is later work
-    imatrix_hooks = None
+    # GPTQ: attention as any decoder's, then the MLP: the shared expert's and every routed expert's gate/up (one
+    # group: they read the same normed hidden state, each expert only the tokens routed to it), then the downs.
+    # The routers (and the shared expert's gate) stay float32, as llama.cpp's quantizer keeps them.
+    gptq_groups = (*DECODER_GPTQ_GROUPS[:2],
+                   ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj",
+                    "mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"),
+                   ("mlp.shared_expert.down_proj", "mlp.experts.{e}.down_proj"))
+    # imatrix: the routers read the shared expert's input (llama-imatrix collects them too: plain products).
+    imatrix_hooks = {**{k: v for k, v in DECODER_IMATRIX_HOOKS.items() if k.startswith("self_attn.")},
+                     "mlp.shared_expert.gate_proj": ("ffn_gate_shexp", "ffn_up_shexp", "ffn_gate_inp",
+                                                     "ffn_gate_inp_shexp"),
+                     "mlp.shared_expert.down_proj": ("ffn_down_shexp",),
+                     "mlp.experts.{e}.gate_proj": ("ffn_gate_exps", "ffn_up_exps"),
+                     "mlp.experts.{e}.down_proj": ("ffn_down_exps",)}
     # Whether llama.cpp's graph renormalises the top-k routing weights (qwen2moe: never; qwen3moe: always).
     renormalises_top_k: ClassVar[bool] = False
     # transformers' config defaults, for keys a config.json leaves out (the converter reads them the same way).
@@ -65,6 +79,26 @@ class Qwen2Moe(Family):
                                              "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632}
     shared_expert_key: ClassVar[str | None] = "shared_expert_intermediate_size"
     ties_embeddings: ClassVar[bool] = False  # llama.cpp's qwen2moe requires output.weight
+
+    @classmethod
+    def expert_inputs(cls, experts: Any, hidden: Any, top_k_index: Any, wanted: Collection[str]):
+        """transformers 5's fused experts (Qwen2MoeExperts / Qwen3MoeExperts: `gate_up_proj` [experts, 2 x ff,
+        hidden], gate rows first, `down_proj` [experts, hidden, ff]): expert e multiplies the tokens routed to it
+        by gate_up_proj[e], and act(gate) * up of them by down_proj[e] (its forward, recomputed here from the
+        module's current weights)."""
+        import torch
+        import torch.nn.functional as F
+
+        n = experts.gate_up_proj.shape[0]
+        for e in torch.unique(top_k_index).tolist():
+            if not 0 <= e < n:
+                continue
+            x = hidden[(top_k_index == e).any(dim=-1)]
+            out = {"gate_up_proj": x}
+            if "down_proj" in wanted:
+                gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+                out["down_proj"] = experts.act_fn(gate) * up
+            yield e, out
 
     @classmethod
     def has_attention_bias(cls, config: dict[str, Any]) -> bool:

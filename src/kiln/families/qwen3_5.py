@@ -12,8 +12,17 @@ per-layer-kind rows (`TensorRow.layers`) and row transforms (`TensorRow.transfor
 the (1 + w) norms stored as 1 + w, the conv1d kernel squeezed to [channels, kernel], and the value heads
 reordered from grouped-by-key-head to tiled when there are more value heads than key heads (ggml broadcasts
 tiled). Published checkpoints are `Qwen3_5ForConditionalGeneration` (the text model under
-`model.language_model.`, a vision tower that the GGUF leaves out) or `Qwen3_5ForCausalLM`. The multi-token
-prediction head (`mtp.*`), which the converter writes by default, is not written (its `--no-mtp` output).
+`model.language_model.`, a vision tower that the GGUF leaves out) or `Qwen3_5ForCausalLM`.
+
+Published checkpoints also hold a multi-token prediction (MTP) head beside the text model (`mtp.*`, which
+transformers neither runs nor saves): a projection of [embedding; hidden] (`mtp.fc`) after two norms, one
+full-attention decoder layer (`mtp.layers.0.*`) and a final norm. The converter writes it by default
+(conversion/qwen.py, _QwenMtpMixin) as extra blocks after the last layer: block_count grows by
+`mtp_num_hidden_layers` ({arch}.nextn_predict_layers), the layer as `blk.{n}.*` (a full-attention layer, not
+recurrent), fc / the norms as `blk.{n}.nextn.eh_proj` / `enorm` / `hnorm` / `shared_head_norm` (norms 1 + w).
+kiln writes exactly that when the checkpoint holds `mtp.*` tensors, and the converter's `--no-mtp` output when
+it holds none (a checkpoint saved by transformers). llama.cpp skips the blocks when decoding (they load only
+for its MTP draft graph) and keeps no K/V or state for them, so the cost model counts their weights only.
 """
 
 from __future__ import annotations
@@ -75,6 +84,17 @@ QWEN35_LAYER: tuple[TensorRow, ...] = (
     _F("self_attn.q_proj.weight", "attn_q.weight", lambda s: (2 * s.n_heads * s.head_dim, s.hidden_size)),
     _F("self_attn.v_proj.weight", "attn_v.weight", lambda s: (s.n_kv_heads * s.head_dim, s.hidden_size)),
 )
+# The MTP head's own tensors, written once in the first MTP block (the converter's _QwenMtpMixin remapper);
+# its decoder layer uses the layer rows of a full-attention layer, under `mtp.layers.{j}.`.
+QWEN35_MTP: tuple[TensorRow, ...] = (
+    TensorRow("mtp.fc.weight", "nextn.eh_proj.weight", lambda s: (s.hidden_size, 2 * s.hidden_size)),
+    TensorRow("mtp.pre_fc_norm_embedding.weight", "nextn.enorm.weight", lambda s: (s.hidden_size,),
+              transform="plus_one"),
+    TensorRow("mtp.pre_fc_norm_hidden.weight", "nextn.hnorm.weight", lambda s: (s.hidden_size,),
+              transform="plus_one"),
+    TensorRow("mtp.norm.weight", "nextn.shared_head_norm.weight", lambda s: (s.hidden_size,), transform="plus_one"),
+)
+MTP_PREFIX = "mtp."
 QWEN35_TAIL: tuple[TensorRow, ...] = (
     TensorRow("model.norm.weight", "output_norm.weight", lambda s: (s.hidden_size,), transform="plus_one"),
     *(r for r in DECODER_TAIL if r.hf == "lm_head.weight"),
@@ -113,10 +133,35 @@ class Qwen3_5(Family):
     head_rows = DECODER_HEAD
     layer_rows = QWEN35_LAYER
     tail_rows = QWEN35_TAIL
-    onnx_builder = False  # onnxruntime-genai's builder has no Gated DeltaNet
-    onnx_precisions = ()
-    gptq_groups = None  # GPTQ / imatrix over the DeltaNet projections: later work
-    imatrix_hooks = None
+    mtp_rows: ClassVar[tuple[TensorRow, ...]] = QWEN35_MTP
+    # ONNX: onnxruntime-genai's builder (0.18) takes Qwen3.5 as the published multimodal layout only
+    # (Qwen3_5ForConditionalGeneration, the text config nested): `onnx_builder_config` stages that config over the
+    # checkpoint's own weight files (transformers reads un-prefixed text tensors into it too), the vision tower left
+    # out of the graph. Its DeltaNet layers become com.microsoft CausalConvWithState + LinearAttention nodes with a
+    # conv and a recurrent state per layer as inputs/outputs (past.L.conv / past.L.recurrent), which kiln's
+    # onnxruntime engine carries per row beside the full-attention layers' K/V; positions are a [3, batch, seq]
+    # position_ids input (MRoPE). Every precision the builder writes (fp32/int8/int4 on CPU, fp16 for CUDA).
+    onnx_builder = True
+    onnx_precisions = None
+    # the embedding inside the graph (the builder's multimodal default leaves it out), no MTP graph (mtp.onnx)
+    onnx_builder_options: ClassVar[tuple[str, ...]] = ("exclude_embeds=false", "exclude_mtp=true")
+    onnx_norm_offset: ClassVar[float] = 1.0  # the (1 + w) RMSNorms, stored as 1 + w (GatedRMSNorm's w as it is)
+    # GPTQ / imatrix: the full-attention layers as any decoder's (gptq_groups / imatrix_hooks: the base's), the
+    # DeltaNet layers by their own linears: q/k/v, z, b and a read the normed hidden state (one group, one input),
+    # out_proj the gated norm's output; every layer's MLP as a dense decoder's. llama.cpp's quantizer quantizes all of
+    # these (attn_qkv, attn_gate, ssm_alpha, ssm_beta, ssm_out: 2-D ".weight" names it does not exempt); it keeps
+    # ssm_conv1d, ssm_a, ssm_dt and the norms as they are, and GPTQ does not touch them.
+    gptq_groups_by_kind = {LINEAR: (
+        ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.in_proj_b", "linear_attn.in_proj_a"),
+        ("linear_attn.out_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    )}
+    imatrix_hooks_by_kind = {LINEAR: {
+        "linear_attn.in_proj_qkv": ("attn_qkv", "attn_gate", "ssm_beta", "ssm_alpha"),
+        "linear_attn.out_proj": ("ssm_out",),
+        "mlp.gate_proj": ("ffn_gate", "ffn_up"), "mlp.down_proj": ("ffn_down",),
+    }}
     # The published multimodal layout: the text model's tensors under this prefix instead of "model.".
     multimodal_prefix: ClassVar[str] = "model.language_model."
     default_mrope_section: ClassVar[tuple[int, ...]] = (11, 11, 10)  # transformers' and the converter's
@@ -175,9 +220,108 @@ class Qwen3_5(Family):
             linear_k_heads=k_heads, linear_v_heads=v_heads,
             linear_k_dim=_int(text, "linear_key_head_dim", path, default=128),
             linear_v_dim=_int(text, "linear_value_head_dim", path, default=128),
-            rope_dim=rope_dim, rope_sections=(*sections, *(0,) * (4 - len(sections))))
+            rope_dim=rope_dim, rope_sections=(*sections, *(0,) * (4 - len(sections))),
+            mtp_layers=cls.mtp_layer_count(directory, text))
+        spec = cls.refine_spec(spec, text, path)
         count = sum(int(np.prod(shape)) for _, _, shape, _ in cls.tensors(spec))
         return replace(spec, param_count=count)
+
+    @classmethod
+    def onnx_builder_config(cls, staged: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
+        """The multimodal layout the builder reads (its only Qwen3.5 entry): the staged text config nested as
+        `text_config` under the family's ConditionalGeneration architecture, the source's vision config (its
+        tensors load with it), or a one-block stand-in for a checkpoint that has none (left out of the graph)."""
+        tie = bool(staged.get("tie_word_embeddings", cls.tie_default))
+        # tie_word_embeddings in both configs: transformers ties by the text config's (default False)
+        text = {**{k: v for k, v in staged.items() if k != "architectures"}, "tie_word_embeddings": tie}
+        kind = str(text.get("model_type") or "")
+        vision = source.get("vision_config")
+        if not isinstance(vision, dict):
+            vision = {"depth": 1, "hidden_size": 16, "num_heads": 1, "intermediate_size": 16,
+                      "out_hidden_size": staged.get("hidden_size")}
+        return {"architectures": [next(a for a in cls.architectures if a.endswith("ForConditionalGeneration"))],
+                "model_type": kind[:-len("_text")] if kind.endswith("_text") else kind,
+                "text_config": text, "vision_config": vision,
+                "tie_word_embeddings": tie}
+
+    @classmethod
+    def refine_spec(cls, spec: ModelSpec, text: dict[str, Any], path: Path) -> ModelSpec:
+        """What a refining family (Qwen3.5-MoE: its experts) adds to the spec before the tensors are counted."""
+        return spec
+
+    # ------------------------------------------------------------------ multi-token prediction head
+    @staticmethod
+    def _weight_names(directory: Path) -> list[str]:
+        """The checkpoint's tensor names from its safetensors index or headers (no tensor data read); [] for
+        pickle weights or none (their reader says what is wrong; a pickled MTP head is left out, with a warning)."""
+        from kiln.checkpoint.tensors import find_weight_files, open_safetensors
+        from kiln.jsonfile import read_json_object
+
+        try:
+            kind, files = find_weight_files(directory, allow_pickle=True)
+        except KilnError:
+            return []
+        if kind != "safetensors":
+            return []
+        index = directory / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = read_json_object(index).get("weight_map")
+            return list(weight_map) if isinstance(weight_map, dict) else []
+        return open_safetensors(files).names()
+
+    @classmethod
+    def mtp_layer_count(cls, directory: Path, text: dict[str, Any]) -> int:
+        """MTP blocks to write: none when the checkpoint holds no `mtp.*` tensor (what transformers saves), else
+        `mtp_num_hidden_layers` as the converter reads it (counted from the `mtp.layers.N` tensors when the config
+        leaves it out); a block the config promises and the tensors lack fails as a missing tensor."""
+        names = [n for n in cls._weight_names(directory) if n.startswith(MTP_PREFIX)]
+        if not names:
+            return 0
+        stated = text.get("mtp_num_hidden_layers")
+        if isinstance(stated, int) and not isinstance(stated, bool) and stated > 0:
+            return stated
+        found = {int(p[2]) for p in (n.split(".", 3) for n in names)
+                 if len(p) == 4 and p[1] == "layers" and p[2].isdecimal()}
+        if not found:
+            raise KilnError(f"{directory}: the checkpoint holds {len(names)} mtp.* tensors but no mtp.layers.N "
+                            "block and config.json states no mtp_num_hidden_layers: cannot tell how many "
+                            "multi-token prediction layers it has")
+        return max(found) + 1
+
+    @classmethod
+    def tensors(cls, spec: ModelSpec) -> list[tuple[str, str, tuple[int, ...], TensorRow]]:
+        """The base table, with the MTP blocks (when the checkpoint has them) after the last decoder layer and
+        before the output norm: each a full-attention layer `mtp.layers.{j}.*` -> `blk.{n_layers + j}.*`, the
+        first also holding the head's own tensors (fc, its two norms, the final norm)."""
+        out = super().tensors(spec)
+        if not spec.mtp_layers:
+            return out
+        tail = sum(1 for r in cls.tail_rows if cls._applies(r, spec))
+        mtp: list[tuple[str, str, tuple[int, ...], TensorRow]] = []
+        for j in range(spec.mtp_layers):
+            block = spec.n_layers + j
+            mtp += [(f"{MTP_PREFIX}layers.{j}.{r.hf}", f"blk.{block}.{r.gguf}", cls._shape(r, spec), r)
+                    for r in cls.layer_rows if cls._applies(r, spec) and r.layers in (None, FULL)]
+            if j == 0:
+                mtp += [(r.hf, f"blk.{block}.{r.gguf}", cls._shape(r, spec), r) for r in cls.mtp_rows]
+        return out[:len(out) - tail] + mtp + out[len(out) - tail:]
+
+    @classmethod
+    def _row(cls, hf_name: str) -> TensorRow | None:
+        if hf_name.startswith(f"{MTP_PREFIX}layers."):
+            suffix = hf_name.split(".", 3)[3]
+            return next((r for r in cls.layer_rows if r.hf == suffix and r.layers in (None, FULL)), None)
+        if hf_name.startswith(MTP_PREFIX):
+            return next((r for r in cls.mtp_rows if r.hf == hf_name), None)
+        return super()._row(hf_name)
+
+    @classmethod
+    def hf_targets(cls, hf: str, w: np.ndarray, names) -> list[tuple[str, Any, np.ndarray]]:
+        """An MTP block read back from a GGUF (blk.{n_layers}.*, named as a decoder layer by `hf_name`) has no
+        parameter in the transformers model, which holds no MTP head: nothing to copy."""
+        if hf.startswith("model.layers.") and f"model.layers.{hf.split('.')[2]}.input_layernorm.weight" not in names:
+            return []
+        return super().hf_targets(hf, w, names)
 
     @classmethod
     def layer_kinds_from_tensors(cls, spec: ModelSpec, names: set[str]) -> None:
@@ -194,19 +338,30 @@ class Qwen3_5(Family):
     def sources(cls, spec: ModelSpec, names=()) -> list[tuple[str, tuple[int, ...], str]]:
         if names:
             cls.layer_kinds_from_tensors(spec, set(names))
-        return super().sources(spec, names)
+        # a stacked row's "layer N, expert E": the MTP block's own index is not a decoder layer's
+        return [(n, shape, f"MTP {what}" if what and n.startswith(MTP_PREFIX) else what)
+                for n, shape, what in super().sources(spec, names)]
+
+    @classmethod
+    def position_scope(cls, spec: ModelSpec) -> dict[str, Any]:
+        full = sum(1 for t in spec.layer_types if t == FULL)
+        linear = len(spec.layer_types) - full
+        return {"rotary_layers": full, "unpositioned_layers": linear,
+                "note": f"the RoPE settings apply to the {full} full-attention layers; the {linear} linear-attention "
+                        "(Gated DeltaNet) layers carry no positions and have no position limit"}
 
     @classmethod
     def export_warnings(cls, spec: ModelSpec, names) -> list[str]:
         out = []
         vision = sum(1 for n in names if n.startswith(("model.visual.", "visual.")))
         if vision:
-            out.append(f"the vision tower ({vision} tensor{'s' * (vision != 1)}) is not written: the GGUF holds "
-                       "the text model only (llama.cpp runs a vision tower from a separate mmproj file)")
-        mtp = sum(1 for n in names if n.startswith(("mtp.", "model.mtp.")))
+            out.append(f"the vision tower ({vision} tensor{'s' * (vision != 1)}) is not written: the artifact "
+                       "holds the text model only (llama.cpp runs a vision tower from a separate mmproj file)")
+        mtp = sum(1 for n in names if n.startswith(("mtp.", "model.mtp.")) and not (spec.mtp_layers and
+                                                                               n.startswith(MTP_PREFIX)))
         if mtp:
             out.append(f"the multi-token prediction head ({mtp} tensor{'s' * (mtp != 1)}) is not written "
-                       "(the converter's --no-mtp)")
+                       "(as llama.cpp's converter with --no-mtp; it serves speculative decoding only)")
         return out
 
     @classmethod
@@ -221,10 +376,10 @@ class Qwen3_5(Family):
         if spec is not None:
             return {"k_heads": spec.linear_k_heads, "v_heads": spec.linear_v_heads,
                     "k_dim": spec.linear_k_dim, "v_dim": spec.linear_v_dim}
-        v_heads = int(header.get("qwen35.ssm.time_step_rank"))
-        return {"k_heads": int(header.get("qwen35.ssm.group_count")), "v_heads": v_heads,
-                "k_dim": int(header.get("qwen35.ssm.state_size")),
-                "v_dim": int(header.get("qwen35.ssm.inner_size")) // v_heads}
+        v_heads = int(header.get(f"{cls.name}.ssm.time_step_rank"))
+        return {"k_heads": int(header.get(f"{cls.name}.ssm.group_count")), "v_heads": v_heads,
+                "k_dim": int(header.get(f"{cls.name}.ssm.state_size")),
+                "v_dim": int(header.get(f"{cls.name}.ssm.inner_size")) // v_heads}
 
     @staticmethod
     def _v_reorder(w: np.ndarray, axis: int, dims: dict[str, int], head: int, inverse: bool) -> np.ndarray:
@@ -309,10 +464,9 @@ class Qwen3_5(Family):
         h = int(text["num_attention_heads"])
         kv = int(text.get("num_key_value_heads") or h)
         hd = int(text.get("head_dim") or cls.default_head_dim(d, h))
-        ff = int(text["intermediate_size"])
         nk, dk, nv, dv, kernel = cls._linear_dims(text)
         conv = 2 * nk * dk + nv * dv
-        mlp = [("ffn_gate", "ffn_gate", d, ff), ("ffn_up", "ffn_up", d, ff), ("ffn_down", "ffn_down", ff, d)]
+        mlp = cls._mlp_shapes(text)
         full = [("attn_q", "attn_q", d, 2 * h * hd), ("attn_k", "attn_k", d, kv * hd), ("attn_v", "attn_v", d, kv * hd),
                 ("attn_output", "attn_output", h * hd, d), ("norms", "norm", 1, 2 * d + 2 * hd)]
         linear = [("attn_qkv", "attn_qkv", d, conv), ("attn_gate", "attn_q", d, nv * dv),
@@ -321,7 +475,27 @@ class Qwen3_5(Family):
         out: list[tuple[str, str, int | None, int, int]] = [("token_embd", "token_embd", None, d, v)]
         for i, kind in enumerate(cls._kinds(text)):
             out += [(f"blk.{i}.{name}", cat, i, ne0, rows) for name, cat, ne0, rows in (full if kind == FULL else linear) + mlp]
+        # The MTP blocks a published config states (mtp_num_hidden_layers; a checkpoint saved by transformers has no
+        # mtp.* tensors, and its GGUF none: its config rarely states them): a full-attention layer each, the first
+        # with the head's projection of [embedding; hidden] and its three norms. In the file, never run by plain
+        # decoding (llama.cpp keeps no K/V for them).
+        for j in range(cls.mtp_config_layers(text)):
+            i = int(text["num_hidden_layers"]) + j
+            out += [(f"blk.{i}.{name}", cat, i, ne0, rows) for name, cat, ne0, rows in full + mlp]
+            if j == 0:
+                out += [(f"blk.{i}.nextn.eh_proj", "nextn", i, 2 * d, d), (f"blk.{i}.nextn.norms", "norm", i, 1, 3 * d)]
         out.append(("output_norm", "norm", None, 1, d))
         if not tied:
             out.append(("output", "output", None, d, v))
         return out
+
+    @classmethod
+    def mtp_config_layers(cls, text: dict[str, Any]) -> int:
+        value = text.get("mtp_num_hidden_layers")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+    @classmethod
+    def _mlp_shapes(cls, text: dict[str, Any]) -> list[tuple[str, str, int, int]]:
+        """One layer's feed-forward weights (GGUF suffix, category, columns, rows): Qwen3.5's dense SwiGLU."""
+        d, ff = int(text["hidden_size"]), int(text["intermediate_size"])
+        return [("ffn_gate", "ffn_gate", d, ff), ("ffn_up", "ffn_up", d, ff), ("ffn_down", "ffn_down", ff, d)]

@@ -27,6 +27,10 @@ class Qwen3Moe(Qwen2Moe):
     renormalises_top_k = True
     moe_defaults = {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768}
     shared_expert_key = None
+    # Qwen2-MoE's GPTQ groups and imatrix hooks without the shared expert; the router is hooked for its own entry.
+    gptq_groups = tuple(tuple(n for n in g if "shared_expert" not in n) for g in Qwen2Moe.gptq_groups)
+    imatrix_hooks = {**{k: v for k, v in Qwen2Moe.imatrix_hooks.items() if "shared_expert" not in k},
+                     "mlp.gate": ("ffn_gate_inp",)}
     ties_embeddings = True  # llama.cpp's qwen3moe falls back to token_embd for the output
 
     @classmethod

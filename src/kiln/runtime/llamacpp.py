@@ -30,6 +30,7 @@ def _llama():
 
 
 _MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids a context can hold
+PROMPT_CACHE_SLOTS = 4  # cached prompts an engine keeps by default (hidden sequence ids after the caller's)
 
 
 class LlamaCppEngine(Engine):
@@ -38,7 +39,7 @@ class LlamaCppEngine(Engine):
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_seq_max: int = 1,
                  threads: int | None = None, n_batch: int = 512, flash_attn: bool | None = None,
                  type_k: int | None = None, type_v: int | None = None, kv_unified: bool = True,
-                 prompt_cache: int = 4):
+                 prompt_cache: int = PROMPT_CACHE_SLOTS):
         lc = _llama()
         from kiln import llamacpp_log
 

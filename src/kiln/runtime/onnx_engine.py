@@ -12,6 +12,16 @@ resampling needs, so kiln drives the graph itself (DESIGN.md §2):
   sequence can start at any position;
 * resampling gathers rows by an ancestor index array, copying only the filled part of the cache.
 
+A hybrid graph (Qwen3.5: Gated DeltaNet layers beside attention ones) also has per-layer *states*
+without a sequence axis (genai_config's past_conv_names / past_recurrent_names: a conv window and a
+recurrent matrix per row), found by the session's input names and shaped by its input shapes. Each
+is one buffer ``[n_seq_max, ...]`` bound as past and present (in place, as onnxruntime-genai runs
+them; the CPU kernels read the past before writing the present), carried with the row: zeroed when
+a row starts, gathered by `reorder`, kept aside while other rows step, stored whole in the prompt
+cache. A state holds only the end of its tokens, so a cached prompt is reused only when all of it
+is a prefix of the new prompt (`recurrent`; the llama.cpp engine's rule). A graph whose position_ids
+input is [3, batch, seq] (MRoPE) gets the same position in all three rows (text).
+
 Imports numpy, onnxruntime and tokenizers only: apps embed it without torch.
 """
 
@@ -27,6 +37,8 @@ from kiln.errors import KilnError
 from kiln.jsonfile import read_json_object
 from kiln.runtime.engine import Engine, default_threads, longest_prefix_match
 from kiln.runtime.hf_tokens import TokenizersVocab
+
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 # End-of-turn markers of the supported chat templates (ChatML, Llama 3, Zephyr/Phi, Qwen).
 EOG_TOKEN_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>", "</s>")
@@ -56,7 +68,8 @@ def _ids(value: Any) -> list[int]:
 
 
 class OnnxEngine(TokenizersVocab, Engine):
-    """Next-token logits for a batch of sequences from a GroupQueryAttention ONNX graph."""
+    """Next-token logits for a batch of sequences from a GroupQueryAttention ONNX graph (with recurrent
+    per-row states beside the KV cache where the graph has them)."""
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_seq_max: int = 1,
                  threads: int | None = None, n_batch: int = 512, prompt_cache: int = 4):
@@ -95,9 +108,17 @@ class OnnxEngine(TokenizersVocab, Engine):
         if self._pos_name not in inputs:
             raise KilnError(f"{onnx_path}: the graph has no position_ids input; export it with `kiln export onnx` "
                             "(onnxruntime-genai's own graphs derive positions from the mask only)")
-        past0 = self._in["past_key_names"] % 0
-        kv_type = inputs[past0].type
-        self._kv_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(kv_type)
+        # [batch, seq], or [3, batch, seq] for MRoPE (every section at the text position)
+        self._pos_rows = 3 if len(inputs[self._pos_name].shape) == 3 else 0
+        # the layers with K/V (all of them, but a hybrid's recurrent ones) and the recurrent states
+        try:
+            self._kv_layers = [i for i in range(self.n_layers) if self._in["past_key_names"] % i in inputs]
+        except (KeyError, TypeError):
+            raise KilnError(f"{self.path / 'genai_config.json'}: decoder inputs name no past_key_names") from None
+        if not self._kv_layers:
+            raise KilnError(f"{onnx_path}: the graph has no {self._in['past_key_names'] % 0} input of any layer")
+        kv_type = inputs[self._in["past_key_names"] % self._kv_layers[0]].type
+        self._kv_dtype = _DTYPES.get(kv_type)
         if self._kv_dtype is None:
             raise KilnError(f"{onnx_path}: KV cache type {kv_type} is not supported")
         self.n_ctx_asked = int(n_ctx or min(self.context_length, 4096))
@@ -105,19 +126,46 @@ class OnnxEngine(TokenizersVocab, Engine):
         self.n_seq_max = int(n_seq_max)
         self.n_batch = n_batch
         shape = (self.n_seq_max, self.n_kv_heads, self.n_ctx, self.head_dim)
-        self._k = [np.zeros(shape, self._kv_dtype) for _ in range(self.n_layers)]
-        self._v = [np.zeros(shape, self._kv_dtype) for _ in range(self.n_layers)]
+        self._k = [np.zeros(shape, self._kv_dtype) for _ in self._kv_layers]
+        self._v = [np.zeros(shape, self._kv_dtype) for _ in self._kv_layers]
+        # (past name, present name, buffer [n_seq_max, ...]) of every recurrent state
+        self._states = self._state_buffers(inputs, onnx_path)
+        self.recurrent = bool(self._states)
         self._len = np.zeros(self.n_seq_max, np.int64)  # tokens held per row
         self._pos = np.zeros(self.n_seq_max, np.int64)  # next position per row
         self._live: set[int] = set()
         self._bindings: dict[tuple[int, int], Any] = {}
         self._decoders: dict[tuple[int, int], Any] = {}
         self._ones = np.ones(self.n_seq_max * self.n_ctx, np.int64)
-        # prompt cache: (tokens, last logits, K and V of every layer [kv_heads, len, head_dim]), LRU first
-        self._prompt_cache: list[tuple[tuple[int, ...], np.ndarray, list[np.ndarray], list[np.ndarray]]] = []
+        # prompt cache: (tokens, last logits, K and V of every KV layer [kv_heads, len, head_dim], every recurrent
+        # state [...]), least recently used first
+        self._prompt_cache: list[tuple[tuple[int, ...], np.ndarray, list[np.ndarray], list[np.ndarray],
+                                       list[np.ndarray]]] = []
         self._prompt_cache_size = int(prompt_cache)
         self._ort = ort
         self._load_tokenizer(genai)
+
+    def _state_buffers(self, inputs: dict[str, Any], onnx_path: Path) -> list[tuple[str, str, np.ndarray]]:
+        """A buffer per recurrent state input (genai_config's past_*_names other than K/V, e.g. past_conv_names
+        and past_recurrent_names), shaped [n_seq_max, *the input's fixed dims]."""
+        out = []
+        for key, template in self._in.items():
+            kv = key in ("past_key_names", "past_value_names")
+            if kv or not (key.startswith("past_") and key.endswith("_names")):
+                continue
+            present = self._out.get("present_" + key[len("past_"):])
+            for layer in range(self.n_layers):
+                name = template % layer
+                if name not in inputs:
+                    continue
+                dims, kind = inputs[name].shape, inputs[name].type
+                dtype = _DTYPES.get(kind)
+                fixed = dims[1:]
+                if present is None or dtype is None or not all(isinstance(d, int) and d > 0 for d in fixed):
+                    raise KilnError(f"{onnx_path}: state input {name} ({kind} {dims}) is not one kiln can carry "
+                                    "(a fixed-size float state per batch row with a present output)")
+                out.append((name, present % layer, np.zeros((self.n_seq_max, *fixed), dtype)))
+        return out
 
     def context_text(self) -> str:
         """"the context of N" for messages, worded as LlamaCppEngine's: both sizes when the model's
@@ -169,13 +217,22 @@ class OnnxEngine(TokenizersVocab, Engine):
         io = self._sess.io_binding()
         if logits_first:
             io.bind_output(self._out.get("logits", "logits"), "cpu")  # output 0, rebound every run
-        for layer in range(self.n_layers):
+        for i, layer in enumerate(self._kv_layers):
             for bufs, past, present in ((self._k, "past_key_names", "present_key_names"),
                                         (self._v, "past_value_names", "present_value_names")):
-                value = ort.OrtValue.ortvalue_from_numpy(bufs[layer][lo:hi])
+                value = ort.OrtValue.ortvalue_from_numpy(bufs[i][lo:hi])
                 io.bind_ortvalue_input(self._in[past] % layer, value)
                 io.bind_ortvalue_output(self._out[present] % layer, value)
+        for past, present, buf in self._states:  # updated in place, as onnxruntime-genai shares these buffers
+            value = ort.OrtValue.ortvalue_from_numpy(buf[lo:hi])
+            io.bind_ortvalue_input(past, value)
+            io.bind_ortvalue_output(present, value)
         return io
+
+    def _positions(self, positions: np.ndarray) -> np.ndarray:
+        """position_ids as the graph takes them: [B, S], or [3, B, S] (MRoPE: text has one position)."""
+        positions = np.ascontiguousarray(positions, np.int64)
+        return np.ascontiguousarray(np.broadcast_to(positions, (3, *positions.shape))) if self._pos_rows else positions
 
     def _binding(self, lo: int, hi: int):
         """The prefill binding of rows lo..hi-1 (logits of any length, allocated by onnxruntime)."""
@@ -197,7 +254,7 @@ class OnnxEngine(TokenizersVocab, Engine):
         io = self._binding(lo, lo + b)
         io.bind_cpu_input(self._in.get("input_ids", "input_ids"), np.ascontiguousarray(tokens, np.int64))
         io.bind_cpu_input(self._in.get("attention_mask", "attention_mask"), mask)
-        io.bind_cpu_input(self._pos_name, np.ascontiguousarray(positions, np.int64))
+        io.bind_cpu_input(self._pos_name, self._positions(positions))
         io.bind_output(self._out.get("logits", "logits"), "cpu")
         try:
             self._sess.run_with_iobinding(io)
@@ -227,6 +284,9 @@ class OnnxEngine(TokenizersVocab, Engine):
                             f"{self.context_length}")
         self._live.add(seq)
         self._len[seq], self._pos[seq] = held, pos0
+        if not held:  # a new sequence starts from zero states (K/V beyond its length are masked out)
+            for _, _, buf in self._states:
+                buf[seq] = 0
         out = np.empty((len(tokens), self.vocab_size), np.float32) if all_logits else None
         last = None
         for lo in range(0, len(tokens), self.n_batch):
@@ -270,7 +330,13 @@ class OnnxEngine(TokenizersVocab, Engine):
             raise KilnError(f"sequence {full[0]} filled {self.context_text()}")
         if int(positions.max()) >= self.context_length:
             raise KilnError(f"positions beyond the model's context of {self.context_length}")
+        # the dummy token would advance a skipped row's recurrent state: keep those rows' states aside
+        stepped = set(seqs)
+        skipped = [s for s in range(lo, hi) if s in self._live and s not in stepped] if self._states else []
+        kept = [buf[skipped].copy() for _, _, buf in self._states] if skipped else []
         logits = self._decode(lo, tok, self._len[lo:hi], positions)
+        for (_, _, buf), saved in zip(self._states, kept):
+            buf[skipped] = saved
         self._len[seqs] += 1
         self._pos[seqs] += 1
         return logits[index]
@@ -284,7 +350,8 @@ class OnnxEngine(TokenizersVocab, Engine):
         if state is None:
             ort = self._ort
             io = self._kv_binding(lo, lo + b)
-            ids, pos = np.zeros((b, 1), np.int64), np.zeros((b, 1), np.int64)
+            ids = np.zeros((b, 1), np.int64)
+            pos = np.zeros((3, b, 1) if self._pos_rows else (b, 1), np.int64)
             logits = np.empty((b, 1, self.vocab_size), np.float32)
             values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (ids, pos, logits)]
             io.bind_ortvalue_input(self._in.get("input_ids", "input_ids"), values[0])
@@ -293,7 +360,7 @@ class OnnxEngine(TokenizersVocab, Engine):
             state = self._decoders[(lo, b)] = (io, ids, pos, logits, values)
         io, ids, pos, logits, _ = state
         ids[:, 0] = tokens
-        pos[:, 0] = positions
+        pos[..., 0] = positions  # broadcast over the MRoPE rows
         total = lengths + 1
         width = int(total.max())
         if int(total.min()) == width:
@@ -311,36 +378,57 @@ class OnnxEngine(TokenizersVocab, Engine):
         """Prefill through a small LRU cache of earlier prompts' KV (copies of their rows, a few MB per
         prompt for a small model): the longest common prefix is copied into the row and only the rest
         runs; an exact hit runs nothing and returns the stored logits. `reserve` is irrelevant here
-        (every row has its own n_ctx cells)."""
+        (every row has its own n_ctx cells).
+
+        A recurrent graph's states exist only at the end of a cached prompt: a cached prompt is reused
+        only when all of it is a prefix of this one, and where this prompt parts from a cached one the
+        states there are cached too (a checkpoint: the next prompt sharing that prefix starts from it),
+        as the llama.cpp engine does."""
         tokens = [int(t) for t in tokens]
         self._check_seq(seq)
         if not tokens or not self._prompt_cache_size or (seq in self._live and self._len[seq]):
             return self.prefill(tokens, seq=seq)
-        i, k = longest_prefix_match(((i, e[0]) for i, e in enumerate(self._prompt_cache)), tokens)
+        usable = ((i, e[0]) for i, e in enumerate(self._prompt_cache)
+                  if not self.recurrent or tuple(tokens[:len(e[0])]) == e[0])
+        i, k = longest_prefix_match(usable, tokens)
         best = None if i is None else self._prompt_cache.pop(i)
         if best is not None:
             self._prompt_cache.append(best)  # most recently used
-            if k == len(tokens) and k == len(best[0]):
-                logits = best[1].copy()
-            else:
+            exact = k == len(tokens) and k == len(best[0])
+            if not exact:
                 k = min(k, len(tokens) - 1)  # at least the last token runs, for its logits
-        if best is not None and k > 0:
-            for bufs, saved in ((self._k, best[2]), (self._v, best[3])):
-                for buf, arr in zip(bufs, saved):
-                    buf[seq, :, :k] = arr[:, :k]
-            self._live.add(seq)
-            self._len[seq] = self._pos[seq] = k
-            if k == len(tokens):
-                return logits
-            logits = self.prefill(tokens[k:], seq=seq)
-        else:
-            logits = self.prefill(tokens, seq=seq)
-        n = len(tokens)
-        self._prompt_cache = [e for e in self._prompt_cache if not (len(e[0]) <= n and tuple(tokens[:len(e[0])]) == e[0])]
-        self._prompt_cache.append((tuple(tokens), logits.copy(), [b[seq, :, :n].copy() for b in self._k],
-                                   [b[seq, :, :n].copy() for b in self._v]))
-        del self._prompt_cache[:-self._prompt_cache_size]
+            self._restore(seq, best, k)
+            if exact:
+                return best[1].copy()
+        if self.recurrent:
+            _, shared = longest_prefix_match(((j, e[0]) for j, e in enumerate(self._prompt_cache)), tokens)
+            if k < shared < len(tokens):
+                self._store(seq, tokens[:shared], self.prefill(tokens[k:shared], seq=seq))
+                k = shared
+        logits = self.prefill(tokens[k:], seq=seq)
+        self._store(seq, tokens, logits)
         return logits
+
+    def _restore(self, seq: int, entry: tuple, k: int) -> None:
+        """Row `seq` holds the first k tokens of the cached prompt `entry` (all of it where states are cached)."""
+        for bufs, saved in ((self._k, entry[2]), (self._v, entry[3])):
+            for buf, arr in zip(bufs, saved):
+                buf[seq, :, :k] = arr[:, :k]
+        for (_, _, buf), arr in zip(self._states, entry[4]):
+            buf[seq] = arr
+        self._live.add(seq)
+        self._len[seq] = self._pos[seq] = k
+
+    def _store(self, seq: int, tokens: Sequence[int], logits: np.ndarray) -> None:
+        """Cache row `seq` (holding `tokens`) as a prompt; one whose KV it holds is dropped (a recurrent
+        graph's shorter prompts stay: their states are not in this one's)."""
+        n, key = len(tokens), tuple(tokens)
+        held = (lambda e: e[0] == key) if self.recurrent else (lambda e: key[:len(e[0])] == e[0])
+        self._prompt_cache = [e for e in self._prompt_cache if not held(e)]
+        self._prompt_cache.append((key, logits.copy(), [b[seq, :, :n].copy() for b in self._k],
+                                   [b[seq, :, :n].copy() for b in self._v],
+                                   [buf[seq].copy() for _, _, buf in self._states]))
+        del self._prompt_cache[:-self._prompt_cache_size]
 
     def clear_prompt_cache(self) -> None:
         self._prompt_cache.clear()
@@ -365,6 +453,8 @@ class OnnxEngine(TokenizersVocab, Engine):
         for bufs in (self._k, self._v):
             for buf in bufs:
                 buf[dst, :, :width] = buf[src, :, :width]  # fancy indexing gathers first: safe in place
+        for _, _, buf in self._states:
+            buf[dst] = buf[src]
         self._len[dst] = self._len[src]
         self._pos[dst] = self._pos[src]
         for s, d in zip(src.tolist(), dst.tolist()):

@@ -13,6 +13,8 @@ quantizer:
   are 2^(bits-1) (8 for int4, 128 for int8), except 0 for int4/uint4-typed data.
 
 Which HF parameter a weight belongs to is read off the builder's node names, all in `_NODES`.
+What the builder stores transformed is undone: a family's (1 + w) RMSNorm weights stored as 1 + w
+(`Family.onnx_norm_offset`), Gated DeltaNet's A_log stored as -exp(A_log).
 """
 
 from __future__ import annotations
@@ -42,23 +44,31 @@ _NODES: list[tuple[str, str]] = [
     (rf"/model/layers\.(\d+)/attn/(qkv|q|k|v|o)_proj/{_MATMUL}", "model.layers.{0}.self_attn.{1}_proj.weight"),
     (r"/model/layers\.(\d+)/attn/(qkv|q|k|v|o)_proj/Add", "model.layers.{0}.self_attn.{1}_proj.bias"),
     (rf"/model/layers\.(\d+)/mlp/(gate|up|down)_proj/{_MATMUL}", "model.layers.{0}.mlp.{1}_proj.weight"),
+    (rf"/model/layers\.(\d+)/linear_attn/(qkv|z|b|a)_proj/{_MATMUL}",
+     "model.layers.{0}.linear_attn.in_proj_{1}.weight"),
+    (rf"/model/layers\.(\d+)/linear_attn/out_proj/{_MATMUL}", "model.layers.{0}.linear_attn.out_proj.weight"),
+    (r"/model/layers\.(\d+)/linear_attn/CausalConvWithState", "model.layers.{0}.linear_attn.conv1d.weight"),
+    (r"/model/layers\.(\d+)/linear_attn/GatedRMSNorm", "model.layers.{0}.linear_attn.norm.weight"),
+    (r"/model/layers\.(\d+)/linear_attn/LinearAttentionGate", "model.layers.{0}.linear_attn."),
     (rf"/lm_head/{_MATMUL}", "lm_head.weight"),
     (r"/lm_head/Add", "lm_head.bias"),
 ]
 # The builder keeps weights in initializers (shape constants are Constant nodes); these ops read
 # initializers that are not HF weights themselves: shape plumbing, and attention's rotary tables.
-_NOT_WEIGHTS = {"Constant", "Reshape", "Transpose", "GroupQueryAttention"}
+_NOT_WEIGHTS = {"Constant", "Reshape", "Transpose", "GroupQueryAttention", "RotaryEmbedding", "MRotaryEmbedding"}
 # Where each weight-carrying op keeps its weight (Add: whichever input is constant).
 _WEIGHT_INPUT = {"MatMul": 1, "MatMulNBits": 1, "Gather": 0, "GatherBlockQuantized": 0,
-                 "SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2}
+                 "SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2,
+                 "CausalConvWithState": 1, "GatedRMSNorm": 1, "LinearAttentionGate": 1}
+_NORMS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
 _MATMUL_NBITS_BIAS = 5
 
 
-def onnx_weights(onnx_dir: str | Path) -> dict[str, np.ndarray]:
+def onnx_weights(onnx_dir: str | Path, norm_offset: float = 0.0) -> dict[str, np.ndarray]:
     """Every weight of an onnxruntime-genai-built decoder graph, dequantized to float32 and keyed by the
     Hugging Face parameter name (model.layers.{i}.self_attn.q_proj.weight, ..., model.embed_tokens.weight,
     lm_head.weight, model.norm.weight, ...), shaped as in the HF model ([out_features, in_features] for
-    linears)."""
+    linears). `norm_offset`: what the builder added to every RMSNorm weight (the family's onnx_norm_offset)."""
     import onnx
 
     onnx_dir = Path(onnx_dir)
@@ -83,11 +93,16 @@ def onnx_weights(onnx_dir: str | Path) -> dict[str, np.ndarray]:
                 raise KilnError(f"{path}: node {node.name} ({node.op_type}) holds weights kiln cannot name")
             continue
         for hf, w in _node_weights(node, name, consts, path).items():
+            if node.op_type in _NORMS and norm_offset:
+                w = w - np.float32(norm_offset)
             if hf.endswith(".qkv_proj.weight") or hf.endswith(".qkv_proj.bias"):
-                if w.shape[0] != q_rows + 2 * kv_rows:
+                # a gated attention's query projection (Qwen3.5) holds a query and a gate row block per head
+                q = next((n for n in (q_rows, 2 * q_rows) if w.shape[0] == n + 2 * kv_rows), None)
+                if q is None:
                     raise KilnError(f"{path}: {node.name} has {w.shape[0]} rows, expected q+k+v = "
-                                    f"{q_rows}+{kv_rows}+{kv_rows} from genai_config.json")
-                parts = np.split(w, [q_rows, q_rows + kv_rows])
+                                    f"{q_rows}+{kv_rows}+{kv_rows} from genai_config.json (or a gated query, "
+                                    f"{2 * q_rows} rows)")
+                parts = np.split(w, [q, q + kv_rows])
                 pieces = {hf.replace(".qkv_proj.", f".{p}_proj."): t for p, t in zip("qkv", parts)}
             elif hf == "model.embed_tokens.weight":
                 pieces = {hf: w[:, :hidden]}  # a quantized table keeps each row padded to whole blocks
@@ -110,8 +125,12 @@ def with_onnx_weights(ref: Reference, onnx_dir: str | Path) -> Reference:
     quantized the LM head and the embeddings differently, the copy's LM head is untied.
     Biases the builder dropped because they are all zero keep their (zero) reference value.
     """
+    from kiln import families
+
     torch = ref._torch
-    weights = onnx_weights(onnx_dir)
+    architecture = (getattr(ref.model.config, "architectures", None) or [""])[0]
+    family = families.FAMILIES.get(architecture)
+    weights = onnx_weights(onnx_dir, family.onnx_norm_offset if family is not None else 0.0)
     clone = ref.rounded_copy("float32")
     model = clone.model
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -123,7 +142,8 @@ def with_onnx_weights(ref: Reference, onnx_dir: str | Path) -> Reference:
         model.config.tie_word_embeddings = False
         params["lm_head.weight"] = model.lm_head.weight
         tied = False
-    extra = sorted(set(weights) - set(params))
+    # a zero bias the builder adds where the model has none (CausalConvWithState's) changes nothing
+    extra = sorted(n for n in set(weights) - set(params) if not (n.endswith(".bias") and not weights[n].any()))
     if extra:
         raise KilnError(f"{onnx_dir}: the graph holds {extra[0]}, which the {type(model).__name__} "
                         "reference does not have")
@@ -169,6 +189,12 @@ def _node_weights(node, hf: str, consts: _Constants, path: Path) -> dict[str, np
         return _matmul_nbits(node, attrs, weight, hf, consts, path)
     if op == "GatherBlockQuantized":
         return {hf: _gather_block_quantized(node, attrs, weight, consts, path)}
+    if op == "CausalConvWithState":  # depthwise conv [channels, 1, kernel] and its bias
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        return {hf: weight, **({hf[:-len("weight")] + "bias": consts.value(bias)} if bias else {})}
+    if op == "LinearAttentionGate":  # Gated DeltaNet's dt_bias and -exp(A_log)
+        neg_exp_a = consts.value(node.input[2]).astype(np.float64)
+        return {hf + "dt_bias": weight, hf + "A_log": np.log(-neg_exp_a).astype(np.float32)}
     return {hf: weight}
 
 
