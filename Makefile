@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml scripts/build-llama-wheel.sh
 	$(PY) -m pip install -q torch==2.13.0   # the CPU wheel on this machine's disk (DESIGN.md §2)
 	scripts/build-llama-wheel.sh $(PY) $(KILN_CACHE)/wheels $(LLAMA_VERSION)
 	$(PY) -m pip install -q $$(ls $(KILN_CACHE)/wheels/llama-cpp-python-*/llama_cpp_python-$(LLAMA_VERSION)-*.whl | head -1)
-	$(PY) -m pip install -q -e '.[torch,llama,onnx,dev]'
+	$(PY) -m pip install -q -e '.[torch,llama,onnx,dev,serve]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -27,10 +27,13 @@ setup: $(STAMP)
 fixtures: setup
 	$(KILN) fixtures
 
-# Go renders Ollama TEMPLATEs in the Modelfile tests; without it those tests skip with a reason.
+# Go renders Ollama TEMPLATEs in the Modelfile tests, and tmux drives `kiln chat` through a terminal in
+# tests/test_chat.py; without them those tests skip with a reason.
 go-toolchain:
 	@command -v go >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq golang-go) >/dev/null 2>&1 \
 	  && echo "installed golang-go" || echo "go unavailable: Modelfile Go-template tests will be skipped"; }
+	@command -v tmux >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq tmux) >/dev/null 2>&1 \
+	  && echo "installed tmux" || echo "tmux unavailable: kiln chat terminal tests will be skipped"; }
 
 # The default recipe (recipes/smollm2.yaml): q8_0, q4_k_m, GPTQ q4_0 GGUF + Modelfiles, int4 ONNX,
 # eval, bench, report.md — each step cached, so a second `make demo` only runs the generate lines.
@@ -55,7 +58,7 @@ test: fixtures go-toolchain
 # The `bench` extra first (sentencepiece: bench/convert.py runs llama.cpp's convert_hf_to_gguf.py, which
 # imports it); llama-cpp-python is already installed from the wheel `setup` built, so nothing compiles.
 bench: fixtures
-	$(PY) -m pip install -q -e '.[torch,llama,onnx,dev,bench]'
+	$(PY) -m pip install -q -e '.[torch,llama,onnx,dev,serve,bench]'
 	$(PY) bench/convert.py
 	$(PY) bench/onnx_decode.py
 	$(PY) bench/quality.py

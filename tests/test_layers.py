@@ -21,6 +21,7 @@ LAYER_OF = {
     "compress": "compress",
     "export": "export",
     "runtime": "runtime", "formats": "runtime",
+    "serve": "apps", "chat": "apps",
     "verify": "verify",
     **dict.fromkeys(("pipeline", "evaluate", "inspect_artifact", "bench", "fixtures"), "tools"),
     "cli_common": "cli-support",
@@ -33,11 +34,12 @@ BELOW = {
     "compress": {"base", "model"},
     "export": {"base", "model", "compress"},
     "runtime": {"base"},
+    "apps": {"base", "runtime"},
     "verify": {"base", "model", "compress", "export", "runtime"},
     "cli-support": {"base"},
     "tools": {"base", "model", "compress", "export", "runtime", "verify", "cli-support"},
     "recipe": {"base", "model", "compress", "export", "runtime", "verify", "cli-support", "tools"},
-    "cli": {"base", "model", "compress", "export", "runtime", "verify", "cli-support", "tools", "recipe"},
+    "cli": {"base", "model", "compress", "export", "runtime", "apps", "verify", "cli-support", "tools", "recipe"},
 }
 
 

@@ -65,7 +65,8 @@ def fixtures(names: tuple[str, ...], force: bool, as_json: bool) -> None:
     \b
     Examples:
       kiln fixtures                  # all: smollm2-135m, tiny-qwen2, tiny-qwen3, tiny-llama,
-                                     # tiny-gpt2, tiny-nanogpt, tiny-qwen2-moe, tiny-qwen3-moe, tiny-qwen3_5
+                                     # tiny-gpt2, tiny-nanogpt, tiny-qwen2-moe, tiny-qwen3-moe, tiny-qwen3_5,
+                                     # tiny-qwen3_5-mtp, tiny-qwen3_5-moe
       kiln fixtures tiny-qwen2 --force
     """
     from kiln import fixtures as fx
@@ -261,6 +262,8 @@ def quantize_gptq_cmd(src: Path, out: Path, bits: str, group_size: str, sym: boo
         click.echo(f"{out}: GPTQ {bits}-bit, group {group_size}, grid {report.grid}, {report.linears} linears in "
                    f"{report.layers} layers, {report.chunks} chunks x {seq_len} tokens, {report.seconds:.0f} s; "
                    f"mean weight error {report.mean_rel_error:.4f}, layer output error {report.output_error:.4f}")
+    for w in report.warnings:
+        click.echo(f"note: {w}", err=True)
 
 
 @cli.command()
@@ -482,6 +485,62 @@ def generate(artifact: Path, prompts: tuple[str, ...], chat: bool, system: str |
         _print_steered_batch(outs, prompts, n)
 
 
+# --- kiln chat (issue 19): a thin layer over kiln.chat.ChatSession; the loop is kiln.chat.terminal ---
+@cli.command("chat")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--system", help="System message (/system TEXT changes it during the chat).")
+@click.option("--think/--no-think", "thinking", default=None,
+              help="Turn a reasoning template's thinking block on or off (Qwen3, Qwen3.5: enable_thinking) "
+                   "[default: the template's own].")
+@click.option("--max-tokens", type=int, default=256, show_default=True,
+              help="Most tokens per answer; the context always keeps this much room for the answer.")
+@click.option("--temperature", type=float, default=None,
+              help="0 = greedy (plain answers' default); constrained answers sample the model at this "
+                   "temperature [default there: 1].")
+@click.option("--seed", type=int, default=None, help="Seed: the same conversation gives the same answers.")
+@click.option("--particles", "-n", type=int, default=8, show_default=True,
+              help="SMC particles for constrained answers (/regex, /json-schema); /particles N changes it.")
+@click.option("--ctx", type=int, default=None,
+              help="Context the conversation lives in; the oldest turns leave it when it fills "
+                   "[default: the artifact's, at most 4096].")
+@click.option("--threads", type=int, default=0, help="Engine threads (0: the cores, at most 8).")
+def chat_cmd(artifact: Path, system: str | None, thinking: bool | None, max_tokens: int, temperature: float | None,
+             seed: int | None, particles: int, ctx: int | None, threads: int) -> None:
+    """Chat with an artifact in the terminal (a .gguf file or an ONNX model directory).
+
+    Each message is answered with the artifact's own chat template, streamed as it is written.
+    The conversation stays in the context (the oldest turns leave it, with a note, when it fills);
+    each turn decodes only what is new since the last one. Ctrl-C stops an answer (the part
+    written stays, marked interrupted); at the prompt Ctrl-C or Ctrl-D ends the chat.
+
+    \b
+    Commands during the chat:
+      /system TEXT       set the system message (/system alone: remove it)
+      /regex RE          answers must match RE, sampled exactly by SMC (/regex alone: off)
+      /json-schema FILE  answers must be JSON valid for the schema in FILE (SMC; alone: off)
+      /particles N       SMC particles; a status line after each such answer shows the ESS
+      /reset             forget the conversation
+      /save FILE         write the conversation as JSON (replaces only a file kiln chat saved)
+      /help, /exit       (a message in \"\"\" ... \"\"\" spans several lines)
+
+    From Python: kiln.chat.ChatSession(artifact, kiln.chat.ChatOptions(...)).ask(text).
+
+    \b
+    Examples:
+      kiln chat smol.q4_k_m.gguf
+      kiln chat smol.q4_k_m.gguf --system "You are a terse assistant." --temperature 0.7 --seed 1
+      kiln chat qwen3.5-0.8b.q8_0.gguf --think --max-tokens 1024
+      kiln chat smol-int4/ --ctx 2048                  # an ONNX directory
+      >>> /regex (Yes|No)\\.
+      >>> Is the sky blue?
+    """
+    from kiln.chat.session import ChatOptions
+    from kiln.chat.terminal import run_chat
+
+    run_chat(artifact, ChatOptions(system=system, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                   ctx=ctx, threads=threads or None, thinking=thinking, particles=particles))
+
+
 def _plain_generate(artifact: Path, prompts: list[str], chat: bool, system: str | None, thinking: bool | None,
                     max_tokens: int,
                     temperature: float | None, seed: int | None, threads: int, ctx: int | None,
@@ -564,6 +623,63 @@ from kiln.bench.commands import bench_cmd, plan_cmd  # noqa: E402  (commands def
 
 cli.add_command(bench_cmd)
 cli.add_command(plan_cmd)
+
+
+# --- kiln serve (issue 19): a thin layer over kiln.serve.serve; the server's modules load only here ---
+@cli.command("serve")
+@click.argument("artifacts", nargs=-1, required=True, metavar="ARTIFACT...")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything but loopback needs --api-key.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", envvar="KILN_API_KEY", default=None,
+              help="Require `Authorization: Bearer KEY` on every route but /health [env: KILN_API_KEY].")
+@click.option("--ctx", type=int, default=None,
+              help="Tokens one sequence may hold, prompt included [default: the artifact's context, at most 4096].")
+@click.option("--rows", type=int, default=16, show_default=True,
+              help="Engine sequences: the most choices (n) or SMC particles one request may use (ONNX allocates "
+                   "rows x ctx KV positions up front).")
+@click.option("--kv-cells", type=int, default=None,
+              help="GGUF: cells of llama.cpp's one KV cache shared by all rows [default: max(ctx, 4096)].")
+@click.option("--particles", type=int, default=8, show_default=True,
+              help="SMC particles of a constrained request that names none (at least its n).")
+@click.option("--max-tokens", type=int, default=256, show_default=True,
+              help="Tokens generated when a request gives no max_tokens (less if the context is fuller).")
+@click.option("--queue-limit", type=int, default=16, show_default=True,
+              help="Requests waiting per model behind the running one; beyond it: 429 with Retry-After.")
+@click.option("--threads", type=int, default=None, help="Engine threads [default: the cores, at most 8].")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
+def serve_cmd(artifacts: tuple[str, ...], host: str, port: int, api_key: str | None, ctx: int | None, rows: int,
+              kv_cells: int | None, particles: int, max_tokens: int, queue_limit: int, threads: int | None,
+              log_level: str) -> None:
+    """Serve artifacts over an OpenAI-compatible HTTP API (needs the `serve` extra).
+
+    GET /v1/models, POST /v1/chat/completions (the artifact's own chat template), POST /v1/completions,
+    GET /health; streaming (server-sent events), n, seed, temperature, top_p, stop, logprobs, usage.
+    Each ARTIFACT is a .gguf file or an ONNX directory, served under its file name (without .gguf)
+    or as NAME=PATH.
+
+    Structured output: response_format {"type": "json_schema", ...} or {"type": "json_object"}, or the
+    kiln extension {"kiln": {"regex": ...}} / {"kiln": {"grammar": LARK}}, is sampled exactly by SMC
+    (the response's "kiln" field carries the ESS and log Z); {"kiln": {"sampler": "mask"}} gives
+    mask-only decoding, {"kiln": {"particles": N}} sets the particles.
+
+    Requests to one model run one at a time, in order; bad requests get OpenAI's error JSON (400).
+    From Python: kiln.serve.serve(kiln.serve.ServeOptions(...)).
+
+    \b
+    Examples:
+      kiln serve out/smol.q4_k_m.gguf                       # http://127.0.0.1:8000/v1, model "smol.q4_k_m"
+      kiln serve smol=out/smol.q4_k_m.gguf onnx=out/smol-int4 --port 8080
+      KILN_API_KEY=secret kiln serve out/smol.q4_k_m.gguf --host 0.0.0.0
+      curl localhost:8000/v1/chat/completions -d '{"model": "smol.q4_k_m",
+        "messages": [{"role": "user", "content": "Is the sky blue?"}], "kiln": {"regex": "(Yes|No)\\\\."}}'
+    """
+    from kiln.serve import ServeOptions, serve
+
+    serve(ServeOptions(artifacts=list(artifacts), host=host, port=port, api_key=api_key, ctx=ctx, rows=rows,
+                       kv_cells=kv_cells, particles=particles, max_tokens=max_tokens, queue_limit=queue_limit,
+                       threads=threads, log_level=log_level))
 
 
 def main() -> None:

@@ -77,17 +77,25 @@ def special_ids(vocab: Vocab) -> frozenset[int]:
     found = cache.get("special_ids")
     if found is None:
         ids = set(vocab.eog_ids)
-        if vocab.bos_id is not None:
-            ids.add(vocab.bos_id)
+
+        def control(i: int, piece: bytes) -> bool:  # its text does not tokenize back to it
+            try:
+                return vocab.tokenize(piece.decode("utf-8")) != [i]
+            except (UnicodeDecodeError, KilnError):
+                return True
+
+        # A BOS id is a control token unless it is an ordinary piece of text: a checkpoint without a BOS token
+        # still gets a default id in some exports (llama.cpp's converter, onnxruntime-genai's config), and a
+        # grammar must still be able to produce that token's text (a quote, a comma).
+        bos = vocab.bos_id
+        if bos is not None and (vocab.tokenize is None or control(bos, vocab.token_bytes[bos])):
+            ids.add(bos)
         for i, piece in enumerate(vocab.token_bytes):
             if len(piece) > 2 and piece[:1] == b"<" and piece[-1:] == b">":
                 if vocab.tokenize is None:
                     special = piece[:2] == b"<|"
                 else:
-                    try:
-                        special = vocab.tokenize(piece.decode("utf-8")) != [i]
-                    except (UnicodeDecodeError, KilnError):
-                        special = True
+                    special = control(i, piece)
                 if special:
                     ids.add(i)
         found = cache["special_ids"] = frozenset(ids)
