@@ -1,5 +1,6 @@
-"""GPTQ and the imatrix on the hybrid (Qwen3.5: Gated DeltaNet + gated attention) and mixture-of-experts
-(Qwen2-MoE with its shared expert, Qwen3-MoE) fixtures: every linear kind quantized with a lower output error
+"""GPTQ and the imatrix on the hybrid (Qwen3.5: Gated DeltaNet + gated attention), mixture-of-experts
+(Qwen2-MoE with its shared expert, Qwen3-MoE) and hybrid mixture-of-experts (Qwen3.5-MoE: both layer kinds, each
+with routed experts and a gated shared expert) fixtures: every linear kind quantized with a lower output error
 than round-to-nearest, experts calibrated on their routed tokens only (and rounded to nearest, with a warning,
 when too few reach them), the GGUF run by llama.cpp and verified, and imatrix files llama.cpp's quantizer takes
 in the layout it indexes (per expert, GGUF column order)."""
@@ -23,19 +24,25 @@ from kiln.compress.gptq_grid import choose_grid  # noqa: E402
 from kiln.evaluate import heldout_text  # noqa: E402
 from kiln.fixtures import build  # noqa: E402
 
-QWEN35, QWEN2_MOE, QWEN3_MOE = "tiny-qwen3_5", "tiny-qwen2-moe", "tiny-qwen3-moe"
-NAMES = (QWEN35, QWEN2_MOE, QWEN3_MOE)
-FAST = GPTQOptions(seq_len=64, samples=8)  # 512 tokens: every expert of both MoE fixtures gets >= 64 of them
+QWEN35, QWEN2_MOE, QWEN3_MOE, QWEN35_MOE = "tiny-qwen3_5", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-qwen3_5-moe"
+NAMES = (QWEN35, QWEN2_MOE, QWEN3_MOE, QWEN35_MOE)
+FAST = GPTQOptions(seq_len=64, samples=8)  # 512 tokens: every expert of the MoE fixtures gets >= 64 of them
 ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 EXPERTS = ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj")
+SHARED = tuple(f"mlp.shared_expert.{n}" for n in ("gate_proj", "up_proj", "down_proj"))
+DELTANET = tuple(f"linear_attn.{n}" for n in ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj"))
 KINDS = {
-    QWEN35: (*(f"linear_attn.{n}" for n in ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")),
-             *ATTENTION, *MLP),
-    QWEN2_MOE: (*ATTENTION, *EXPERTS, *(f"mlp.shared_expert.{n}" for n in ("gate_proj", "up_proj", "down_proj"))),
+    QWEN35: (*DELTANET, *ATTENTION, *MLP),
+    QWEN2_MOE: (*ATTENTION, *EXPERTS, *SHARED),
     QWEN3_MOE: (*ATTENTION, *EXPERTS),
+    QWEN35_MOE: (*DELTANET, *ATTENTION, *EXPERTS, *SHARED),
 }
-LINEARS = {QWEN35: 3 * 8 + 7, QWEN2_MOE: 2 * (4 + 3 + 4 * 3), QWEN3_MOE: 2 * (4 + 4 * 3)}
+# Qwen3.5-MoE: a DeltaNet layer (5 projections) and an attention layer (4), each with 3 shared + 4 x 3 expert linears
+LINEARS = {QWEN35: 3 * 8 + 7, QWEN2_MOE: 2 * (4 + 3 + 4 * 3), QWEN3_MOE: 2 * (4 + 4 * 3),
+           QWEN35_MOE: 5 + 4 + 2 * (3 + 4 * 3)}
+WITH_SSM_OUT = (QWEN35, QWEN35_MOE)  # a DeltaNet layer 0 whose ssm_out columns the converter tiles
+WITH_SHARED = (QWEN2_MOE, QWEN35_MOE)  # a shared expert whose 48-column down_proj is not a multiple of 32
 
 try:
     import llama_cpp  # noqa: F401
@@ -99,7 +106,7 @@ def test_checkpoint_holds_the_quantized_model(runs, name: str) -> None:
         else:
             have = params[f"{base}.weight"].detach()
         assert np.array_equal(have.numpy(), w), base
-    if name == QWEN35:
+    if name in WITH_SSM_OUT:
         layer = ckpt.tensors.linear("model.layers.0.linear_attn.out_proj")
         order = family.gguf_column_order("model.layers.0.linear_attn.out_proj.weight", spec)
         assert order is not None  # 2 key heads, 4 value heads: the converter tiles the value heads
@@ -230,7 +237,8 @@ def test_gguf_runs_in_llama_cpp_and_passes_verification(runs, name: str, tmp_pat
     """q4_0 from the GPTQ checkpoint, verified against the checkpoint (its per-expert tensors loaded into
     transformers' fused experts) with llama.cpp running it. Every GPTQ linear the GGUF holds is its own blocks,
     byte for byte: ssm_out with its columns tiled and their groups with them, the experts stacked in expert
-    order. Only the shared expert's 48-column down_proj (not a multiple of 32) is requantized, with a warning."""
+    order (Qwen3.5-MoE: in both layer kinds). Only the shared expert's 48-column down_proj (not a multiple of 32)
+    is requantized, with a warning."""
     from gguf import GGUFReader
 
     from kiln.pipeline import export_gguf_artifact
@@ -240,7 +248,7 @@ def test_gguf_runs_in_llama_cpp_and_passes_verification(runs, name: str, tmp_pat
     assert result.record["options"]["quant"] == "q4_0"
     assert result.record["verification"]["passed"], result.record["verification"]["criterion"]
     gptq_notes = [w for w in result.warnings if "GPTQ linears" in w]
-    if name == QWEN2_MOE:
+    if name in WITH_SHARED:
         assert len(gptq_notes) == 1 and gptq_notes[0].startswith("2 GPTQ linears") and "48 input columns" in gptq_notes[0]
     else:
         assert gptq_notes == []
@@ -264,8 +272,9 @@ def test_gguf_runs_in_llama_cpp_and_passes_verification(runs, name: str, tmp_pat
         assert bytes(np.asarray(t.data)) == want.tobytes(), t.name
         tensors += 1
         linears_seen += len(bases)
-    assert (tensors, linears_seen) == {QWEN35: (31, 31), QWEN2_MOE: (18, 36), QWEN3_MOE: (14, 32)}[name]
-    assert linears_seen == len(linears) - 2 * (name == QWEN2_MOE)
+    assert (tensors, linears_seen) == {QWEN35: (31, 31), QWEN2_MOE: (18, 36), QWEN3_MOE: (14, 32),
+                                       QWEN35_MOE: (19, 37)}[name]
+    assert linears_seen == len(linears) - 2 * (name in WITH_SHARED)
 
 
 # ------------------------------------------------------------------------------------------------ imatrix
@@ -306,17 +315,19 @@ def test_imatrix_has_an_entry_per_multiplied_tensor(imatrices, name: str, tmp_pa
         assert np.all(np.isfinite(v)) and np.all(v > 0), n
 
 
-def test_imatrix_experts_are_their_routed_tokens_mean(imatrices) -> None:
+@pytest.mark.parametrize("name", [QWEN3_MOE, QWEN35_MOE])
+def test_imatrix_experts_are_their_routed_tokens_mean(imatrices, name: str) -> None:
     """ffn_*_exps entries: expert e's slice is the mean of x² over the tokens routed to e (llama-imatrix's
-    MUL_MAT_ID counts), recomputed from the MoE block's input and its router."""
+    MUL_MAT_ID counts), recomputed from the MoE block's input and its router (Qwen3.5-MoE: behind a DeltaNet layer
+    and behind an attention layer)."""
     from kiln.compress.imatrix import tokenize
 
-    res, _ = imatrices[QWEN3_MOE]
-    src = build(QWEN3_MOE, progress=False)
+    res, _ = imatrices[name]
+    src = build(name, progress=False)
     ckpt = load_checkpoint(src)
     spec = ckpt.spec
     ids, _ = tokenize(ckpt, heldout_text())
-    model = _float_model(QWEN3_MOE)
+    model = _float_model(name)
     seen = {i: [] for i in range(spec.n_layers)}
     handles = [layer.mlp.register_forward_pre_hook(lambda _m, a, i=i: seen[i].append(a[0].reshape(-1, a[0].shape[-1])))
                for i, layer in enumerate(model.model.layers)]
@@ -376,7 +387,7 @@ def test_imatrix_ssm_out_is_in_the_gguf_column_order(imatrices) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_llama_cpp_quantizer_takes_the_imatrix(imatrices, name: str, tmp_path: Path) -> None:
     """q4_k_m with the imatrix: accepted (llama-quantize refuses an entry of the wrong size), verified, and
-    different from the quantization without it. For experts, changing one expert's slice changes only that
+    different from the quantization without it. For experts (Qwen3.5-MoE's too), changing one expert's slice changes only that
     expert's rows of the stacked tensor: the quantizer reads expert e's values at offset e x columns."""
     from gguf import GGUFReader
 

@@ -5,7 +5,7 @@ Each fixture is exported to GGUF at f32, f16, q8_0 and q4_k_m through the one pi
 (llama.cpp against transformers); the GGUF's stacked expert tensors are checked against the checkpoint's
 per-expert tensors, and the fused layout (transformers 5's `mlp.experts.gate_up_proj` / `down_proj`) against
 the per-expert one; a GGUF generates through kiln's own runtime as transformers does; what kiln cannot do
-for experts (ONNX, GPTQ, imatrix) and what llama.cpp cannot run (dense layers mixed in, another top-k
+for experts (ONNX) and what llama.cpp cannot run (dense layers mixed in, another top-k
 normalisation, a tied Qwen2-MoE head) is refused in one line; a missing expert tensor names its layer and
 expert; and `kiln plan` counts every expert's weights (KV from attention alone).
 """
@@ -352,14 +352,14 @@ def test_qwen3_5_moe_missing_expert_names_layer_and_expert(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("args", [
     ("export", "onnx", "{src}", "-o", "{out}", "--precision", "int4"),
-    ("quantize", "gptq", "{src}", "-o", "{out}"),
-    ("imatrix", "{src}", "-o", "{out}"),
-], ids=["onnx-int4", "gptq", "imatrix"])
+], ids=["onnx-int4"])
 def test_what_kiln_cannot_do_for_qwen3_5_moe_is_refused_in_one_line(args, tmp_path: Path) -> None:
+    """A quantized ONNX graph (kiln cannot yet read the builder's quantized expert nodes back to verify it);
+    GPTQ and the imatrix do run on Qwen3.5-MoE (tests/test_gptq_hybrid.py)."""
     src = build("tiny-qwen3_5-moe", progress=False)
     out = tmp_path / "out"
     proc = kiln(*(a.format(src=src, out=out) for a in args))
-    one_line_error(proc, "Qwen3.5-MoE", *(("fp32 only",) if args[1] == "onnx" else ()))
+    one_line_error(proc, "Qwen3.5-MoE", "fp32 only")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -11,12 +11,19 @@ one 3-D GGUF tensor per kind); transformers and the published checkpoints hold t
 The GGUF is llama.cpp's `qwen35moe` as its converter writes it (conversion/qwen.py, Qwen3_5MoeTextModel): the
 expert keys, routers and the shared expert's gate in F32, and (Qwen3_5MoeTextConfig has no intermediate_size)
 no feed_forward_length. The MTP head, where the checkpoint holds it, is written as for the dense model, its layer
-with experts. ONNX is onnxruntime-genai's Qwen3.5-MoE graph (fp32: see `onnx_precisions`); GPTQ / the imatrix
-do not visit this family yet.
+with experts. ONNX is onnxruntime-genai's Qwen3.5-MoE graph (fp32: see `onnx_precisions`).
+
+GPTQ and the imatrix combine the two families they come from, per layer kind: the token mixer as Qwen3.5's (a
+DeltaNet layer's q/k/v, z, b and a on the normed hidden state, then out_proj; a full-attention layer's q/k/v then
+o as any decoder's), then the MLP as Qwen2-MoE's (the shared expert seeing every token, each routed expert only
+the calibration tokens the router sends it, an expert with too few of them rounded to nearest with a note; the
+routers and the shared expert's gate stay F32). transformers 5's Qwen3_5MoeExperts holds the experts fused with
+Qwen2-MoE's layout and forward, so Qwen2-MoE's `expert_inputs` reads what each expert multiplies.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,13 +31,25 @@ from typing import Any, ClassVar
 from kiln.checkpoint.spec import ModelSpec
 from kiln.errors import KilnError
 from kiln.families.base import TensorRow, _int
-from kiln.families.qwen2_moe import MOE_EXPERTS, SHARED_EXPERT
-from kiln.families.qwen3_5 import QWEN35_LAYER, Qwen3_5
+from kiln.families.qwen2_moe import MOE_EXPERTS, SHARED_EXPERT, Qwen2Moe
+from kiln.families.qwen3_5 import LINEAR, QWEN35_LAYER, Qwen3_5
 from kiln.families.registry import register
 
 # Qwen3.5's layer rows without the dense MLP, then the router, the stacked experts and the shared expert.
 QWEN35_MOE_LAYER: tuple[TensorRow, ...] = (*(r for r in QWEN35_LAYER if not r.hf.startswith("mlp.")),
                                            *MOE_EXPERTS, *SHARED_EXPERT)
+
+
+def _mlp(name: str) -> bool:
+    return name.startswith("mlp.")
+
+
+# Calibration, per layer kind: the token mixer's groups / hooks from Qwen3.5 (a DeltaNet layer's) or from any
+# decoder (a full-attention layer's, as Qwen2-MoE keeps them), then Qwen2-MoE's mixture of experts.
+_DELTANET_GROUPS = tuple(g for g in Qwen3_5.gptq_groups_by_kind[LINEAR] if not _mlp(g[0]))
+_MOE_GROUPS = tuple(g for g in Qwen2Moe.gptq_groups if _mlp(g[0]))
+_DELTANET_HOOKS = {k: v for k, v in Qwen3_5.imatrix_hooks_by_kind[LINEAR].items() if not _mlp(k)}
+_MOE_HOOKS = {k: v for k, v in Qwen2Moe.imatrix_hooks.items() if _mlp(k)}
 
 
 @register
@@ -44,10 +63,12 @@ class Qwen3_5Moe(Qwen3_5):
     onnx_precisions = ("fp32",)
     onnx_precisions_reason = ("kiln verifies a quantized graph against its own weights, and cannot yet read the "
                               "builder's quantized router and expert nodes back")
-    gptq_groups = None  # GPTQ / imatrix over DeltaNet projections and these experts: later work
-    imatrix_hooks = None
-    gptq_groups_by_kind: ClassVar[dict[str, Any]] = {}
-    imatrix_hooks_by_kind: ClassVar[dict[str, Any]] = {}
+    # GPTQ / imatrix: full-attention layers as Qwen2-MoE's (attention, then shared and routed experts); DeltaNet
+    # layers with Qwen3.5's DeltaNet groups / hooks in front of the same experts.
+    gptq_groups = Qwen2Moe.gptq_groups
+    imatrix_hooks = Qwen2Moe.imatrix_hooks
+    gptq_groups_by_kind = {LINEAR: (*_DELTANET_GROUPS, *_MOE_GROUPS)}
+    imatrix_hooks_by_kind = {LINEAR: {**_DELTANET_HOOKS, **_MOE_HOOKS}}
     # Qwen3_5MoeTextConfig's defaults, for keys a config.json leaves out (the converter reads it through it).
     moe_defaults: ClassVar[dict[str, int]] = {"num_experts": 256, "num_experts_per_tok": 8,
                                              "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512}
@@ -63,6 +84,12 @@ class Qwen3_5Moe(Qwen3_5):
         spec = super().read_spec(directory, {**config, "text_config": filled} if "text_config" in config
                                  else filled, architecture)
         return replace(spec, intermediate_size=0, config=text)
+
+    @classmethod
+    def expert_inputs(cls, experts: Any, hidden: Any, top_k_index: Any, wanted: Collection[str]):
+        """Qwen3_5MoeExperts is Qwen2-MoE's fused experts module (gate_up_proj [experts, 2 x ff, hidden], gate rows
+        first; down_proj [experts, hidden, ff]; called as experts(hidden, top_k_index, top_k_weights))."""
+        return Qwen2Moe.expert_inputs(experts, hidden, top_k_index, wanted)
 
     @classmethod
     def refine_spec(cls, spec: ModelSpec, text: dict[str, Any], path: Path) -> ModelSpec:
