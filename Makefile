@@ -28,12 +28,16 @@ fixtures: setup
 	$(KILN) fixtures
 
 # Go renders Ollama TEMPLATEs in the Modelfile tests, and tmux drives `kiln chat` through a terminal in
-# tests/test_chat.py; without them those tests skip with a reason.
+# tests/test_chat.py, and Debian's headless Chromium + chromedriver load `kiln serve`'s chat page in
+# tests/test_serve_page.py; without them those tests skip with a reason.
 go-toolchain:
 	@command -v go >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq golang-go) >/dev/null 2>&1 \
 	  && echo "installed golang-go" || echo "go unavailable: Modelfile Go-template tests will be skipped"; }
 	@command -v tmux >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq tmux) >/dev/null 2>&1 \
 	  && echo "installed tmux" || echo "tmux unavailable: kiln chat terminal tests will be skipped"; }
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { (apt-get update -qq \
+	  && apt-get install -y -qq --no-install-recommends chromium chromium-driver) >/dev/null 2>&1 && echo "installed chromium" \
+	  || echo "chromium unavailable: the kiln serve chat page browser test will be skipped"; }
 
 # The default recipe (recipes/smollm2.yaml): q8_0, q4_k_m, GPTQ q4_0 GGUF + Modelfiles, int4 ONNX,
 # eval, bench, report.md — each step cached, so a second `make demo` only runs the generate lines.

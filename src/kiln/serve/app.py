@@ -1,7 +1,9 @@
 """The Starlette application of `kiln serve`, and `run` (uvicorn).
 
 Routes: GET /health (never behind the API key), GET /v1/models, GET /v1/models/{id},
-POST /v1/chat/completions, POST /v1/completions. Every error is OpenAI's error JSON: 400 for a bad
+POST /v1/chat/completions, POST /v1/completions, and the chat page: GET / and /static/{name}
+(static/: HTML, JS, CSS; static like /health, so it loads without the key, and every API call it
+makes sends the key it asks for). Every error is OpenAI's error JSON: 400 for a bad
 request (malformed JSON, unknown model, a field out of range, a schema llguidance rejects, a prompt
 longer than the context), 401 for a missing or wrong API key, 429 (Retry-After) when the model's
 queue is full, 404/405 for other routes, 500 for a bug (logged, and the server keeps serving).
@@ -21,6 +23,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib import resources
 from typing import Any
 
 from starlette.applications import Starlette
@@ -196,20 +199,41 @@ async def get_model(request: Request) -> Response:
     return JSONResponse(model.describe())
 
 
+# The chat page: fixed files of the package (src/kiln/serve/static), nothing from elsewhere (the CSP says so).
+PAGE_FILES = {"index.html": "text/html", "chat.js": "text/javascript", "chat.css": "text/css"}
+PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+                "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; "
+                                           "form-action 'none'; frame-ancestors 'none'"}
+
+
+def _public(path: str) -> bool:
+    """Routes the API key does not guard: the health check and the static chat page."""
+    return path in ("/health", "/") or path.startswith("/static/")
+
+
+async def page(request: Request) -> Response:
+    name = request.path_params.get("name", "index.html")
+    if name not in PAGE_FILES:
+        return error_response(APIError(404, f"GET {request.url.path}: Not Found"))
+    data = resources.files("kiln.serve").joinpath("static", name).read_bytes()
+    return Response(data, media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
+
+
 async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok", "models": {k: w.status() for k, w in request.app.state.workers.items()}})
 
 
 # --- the application ---------------------------------------------------------------------------
 class APIKeyCheck:
-    """ASGI middleware: every route but /health needs `Authorization: Bearer KEY` (compared in constant time)."""
+    """ASGI middleware: every route but /health and the static chat page needs `Authorization: Bearer KEY`
+    (compared in constant time)."""
 
     def __init__(self, app: Any, key: str | None) -> None:
         self.app = app
         self.key = key.encode() if key else None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if self.key is not None and scope["type"] == "http" and scope["path"] != "/health":
+        if self.key is not None and scope["type"] == "http" and not _public(scope["path"]):
             auth = dict(scope["headers"]).get(b"authorization", b"")
             token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
             if not hmac.compare_digest(token, self.key):
@@ -246,6 +270,8 @@ def build_app(models: dict[str, ServedModel], options: ServeOptions) -> Any:
 
     routes = [
         Route("/health", health, methods=["GET"]),
+        Route("/", page, methods=["GET"]),
+        Route("/static/{name}", page, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
