@@ -29,6 +29,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
 from kiln.fixtures import LLAMA_CPP_PRE, build  # noqa: E402
 from kiln.pipeline import export_gguf_artifact  # noqa: E402
+from qwen35_layouts import multimodal  # noqa: E402
 
 NAME = "tiny-qwen3_5"
 
@@ -97,31 +98,10 @@ def test_layer_types_of_the_wrong_length_are_refused(tmp_path: Path) -> None:
         export_gguf_artifact(src, tmp_path / "out.gguf", "f32", verify=False)
 
 
-def _multimodal(dest: Path) -> Path:
-    """The fixture as Qwen3.5 is published: Qwen3_5ForConditionalGeneration, the text config nested, the text
-    model's tensors under model.language_model., and a (tiny, fake) vision tower beside them."""
-    src = build(NAME, progress=False)
-    dest.mkdir()
-    for f in src.iterdir():
-        if f.is_file() and f.name not in ("config.json", "model.safetensors") and not f.name.startswith(".kiln"):
-            shutil.copy(f, dest / f.name)
-    text = json.loads((src / "config.json").read_text())
-    tie = text.pop("tie_word_embeddings")
-    text.pop("architectures")
-    config = {"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5",
-              "text_config": text, "vision_config": {"depth": 1, "hidden_size": 16}, "tie_word_embeddings": tie}
-    (dest / "config.json").write_text(json.dumps(config, indent=2))
-    weights = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
-               for k, v in load_file(src / "model.safetensors").items()}
-    weights["model.visual.blocks.0.norm1.weight"] = np.ones(16, np.float32)
-    save_file(weights, dest / "model.safetensors", metadata={"format": "pt"})
-    return dest
-
-
 def test_multimodal_layout_reads_to_the_same_tensors(exports, tmp_path: Path) -> None:
     """Same GGUF tensors as the Qwen3_5ForCausalLM layout, and verified (transformers reads the nested
     config and the prefixed tensors as Qwen3_5ForCausalLM)."""
-    src = _multimodal(tmp_path / "mm")
+    src = multimodal(tmp_path / "mm")
     out = tmp_path / "mm.gguf"
     result = export_gguf_artifact(src, out, "f32")
     assert result.record["source"]["family"] == "qwen35"

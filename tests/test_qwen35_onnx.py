@@ -20,8 +20,6 @@ files); its graph has a conv window and a recurrent matrix per DeltaNet layer as
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -87,23 +85,9 @@ def test_int4_export_is_verified(root: Path) -> None:
 def test_multimodal_layout_builds_the_same_graph(fp32, root: Path) -> None:
     """The published layout (Qwen3_5ForConditionalGeneration, text config nested, tensors under
     model.language_model., a vision tower): the same text graph and weights, byte for byte."""
-    from safetensors.numpy import load_file, save_file
+    from qwen35_layouts import multimodal
 
-    src, mm = build(NAME, progress=False), root / "mm-src"
-    mm.mkdir()
-    for f in src.iterdir():
-        if f.is_file() and f.name not in ("config.json", "model.safetensors") and not f.name.startswith(".kiln"):
-            shutil.copy(f, mm / f.name)
-    text = json.loads((src / "config.json").read_text())
-    tie = text.pop("tie_word_embeddings")
-    text.pop("architectures")
-    (mm / "config.json").write_text(json.dumps({
-        "architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5", "text_config": text,
-        "vision_config": {"depth": 1, "hidden_size": 16}, "tie_word_embeddings": tie}))
-    weights = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
-               for k, v in load_file(src / "model.safetensors").items()}
-    weights["model.visual.blocks.0.norm1.weight"] = np.ones(16, np.float32)
-    save_file(weights, mm / "model.safetensors", metadata={"format": "pt"})
+    mm = multimodal(root / "mm-src", NAME)
     result = export_onnx_artifact(mm, root / "mm", "fp32", verify=False)
     assert result.record["source"]["architecture"] == "Qwen3_5ForConditionalGeneration"
     for name in ("model.onnx", "model.onnx.data", "genai_config.json"):

@@ -9,7 +9,6 @@ busy 2-core machine llama.cpp's spinning thread pool is slower with two.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -31,7 +30,8 @@ jsonschema = pytest.importorskip("jsonschema")
 from kiln.runtime import load  # noqa: E402
 from kiln.runtime.generate import chat_prompt, generate  # noqa: E402
 from kiln.serve.decode import TextStream  # noqa: E402
-from kiln_cli import KILN, kiln, one_line_error  # noqa: E402
+from kiln_cli import kiln, one_line_error  # noqa: E402
+from serve_process import http, start  # noqa: E402
 
 KEY = "test-key"
 MESSAGES = [{"role": "user", "content": "Tell me about the river."}]
@@ -39,12 +39,6 @@ SCHEMA = {"type": "object",
           "properties": {"answer": {"type": "string", "enum": ["yes", "no"]},
                          "score": {"type": "integer", "minimum": 0, "maximum": 9}},
           "required": ["answer", "score"], "additionalProperties": False}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -56,15 +50,7 @@ class Server:
 
     def raw(self, path: str, body: bytes | None = None, key: str | None = KEY) -> tuple[int, dict, bytes]:
         """(status, headers, body) of a plain HTTP request (POST when `body` is given)."""
-        req = urllib.request.Request(self.base + path, data=body, method="POST" if body is not None else "GET")
-        req.add_header("Content-Type", "application/json")
-        if key:
-            req.add_header("Authorization", f"Bearer {key}")
-        try:
-            with urllib.request.urlopen(req, timeout=120) as resp:
-                return resp.status, dict(resp.headers), resp.read()
-        except urllib.error.HTTPError as err:
-            return err.code, dict(err.headers), err.read()
+        return http(self.base, path, body, key)
 
     def health(self) -> dict:
         return json.loads(self.raw("/health", key=None)[2])
@@ -83,24 +69,9 @@ def tiny_qwen2_onnx(tiny_qwen2_dir: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(tiny_qwen2_f32_gguf: Path, tiny_qwen2_onnx: Path, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "KILN_API_KEY"}
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([KILN, "serve", f"tq2={tiny_qwen2_f32_gguf}", f"tq2-onnx={tiny_qwen2_onnx}",
-                                 "--port", str(port), "--api-key", KEY, "--threads", "1", "--queue-limit", "1",
-                                 "--log-level", "warning"],
-                                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    srv = Server(f"http://127.0.0.1:{port}", proc, log, tiny_qwen2_f32_gguf)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if srv.health()["status"] == "ok":
-                break
-        except OSError:
-            pass
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "kiln serve did not come up: " + log.read_text()
-        time.sleep(0.2)
+    proc, base = start([f"tq2={tiny_qwen2_f32_gguf}", f"tq2-onnx={tiny_qwen2_onnx}", "--api-key", KEY,
+                        "--threads", "1", "--queue-limit", "1", "--log-level", "warning"], log)
+    srv = Server(base, proc, log, tiny_qwen2_f32_gguf)
     yield srv
     # SIGTERM drains: a request in flight is still answered, then the server exits (uvicorn re-raises the signal)
     answered: dict[str, int] = {}

@@ -14,12 +14,7 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -34,7 +29,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
-from kiln_cli import KILN  # noqa: E402
+from serve_process import http, start, stop  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -49,50 +44,17 @@ REGEX = "[a-z]{3,5}"
 STATIC = Path(__file__).resolve().parent.parent / "src" / "kiln" / "serve" / "static"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _request(base: str, path: str, body: dict | None = None, key: str | None = KEY) -> tuple[int, dict, bytes]:
-    req = urllib.request.Request(base + path, data=None if body is None else json.dumps(body).encode(),
-                                 method="GET" if body is None else "POST")
-    req.add_header("Content-Type", "application/json")
-    if key:
-        req.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, dict(err.headers), err.read()
+    return http(base, path, body, key, timeout=60)
 
 
 @pytest.fixture(scope="module")
 def base(tiny_qwen2_f32_gguf: Path, tmp_path_factory):
     """The URL of a `kiln serve` over the tiny Qwen2 GGUF (model id tq2), with an API key."""
     log = tmp_path_factory.mktemp("serve-page") / "server.log"
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "KILN_API_KEY"}
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([KILN, "serve", f"tq2={tiny_qwen2_f32_gguf}", "--port", str(port), "--api-key", KEY,
-                                 "--threads", "1", "--log-level", "warning"],
-                                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if json.loads(_request(url, "/health", key=None)[2])["status"] == "ok":
-                break
-        except OSError:
-            pass
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "kiln serve did not come up: " + log.read_text()
-        time.sleep(0.2)
+    proc, url = start([f"tq2={tiny_qwen2_f32_gguf}", "--api-key", KEY, "--threads", "1", "--log-level", "warning"], log)
     yield url
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) in (0, -signal.SIGTERM), log.read_text()
-    assert "Traceback" not in log.read_text(), log.read_text()
+    stop(proc, log)
 
 
 @pytest.fixture(scope="module")

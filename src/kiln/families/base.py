@@ -439,22 +439,23 @@ class Family:
 
     # ------------------------------------------------------------------ calibration (GPTQ, imatrix)
     @classmethod
+    def _for_layer(cls, spec: ModelSpec, layer: int, by_kind: dict[str, Any], default: Any, what: str) -> Any:
+        """`by_kind`'s entry for the layer's kind in a hybrid decoder, else `default`; None of both: refused."""
+        kind = spec.layer_types[layer] if spec.layer_types else None
+        found = by_kind.get(kind) if kind is not None else None
+        if found is None and default is None:
+            raise KilnError(f"{spec.source}: {what} does not support {cls.description or cls.name} layouts")
+        return found if found is not None else default
+
+    @classmethod
     def gptq_layer_groups(cls, spec: ModelSpec, layer: int) -> tuple[tuple[str, ...], ...]:
         """GPTQ's sequential groups for decoder layer `layer` (by its kind in a hybrid decoder)."""
-        kind = spec.layer_types[layer] if spec.layer_types else None
-        groups = cls.gptq_groups_by_kind.get(kind) if kind is not None else None
-        if groups is None and cls.gptq_groups is None:
-            raise KilnError(f"{spec.source}: GPTQ does not support {cls.description or cls.name} layouts")
-        return groups if groups is not None else cls.gptq_groups  # type: ignore[return-value]
+        return cls._for_layer(spec, layer, cls.gptq_groups_by_kind, cls.gptq_groups, "GPTQ")
 
     @classmethod
     def imatrix_layer_hooks(cls, spec: ModelSpec, layer: int) -> dict[str, tuple[str, ...]]:
         """The imatrix's hooked modules -> GGUF tensors sharing that input, for decoder layer `layer`."""
-        kind = spec.layer_types[layer] if spec.layer_types else None
-        hooks = cls.imatrix_hooks_by_kind.get(kind) if kind is not None else None
-        if hooks is None and cls.imatrix_hooks is None:
-            raise KilnError(f"{spec.source}: imatrix does not support {cls.description or cls.name} layouts")
-        return hooks if hooks is not None else cls.imatrix_hooks  # type: ignore[return-value]
+        return cls._for_layer(spec, layer, cls.imatrix_hooks_by_kind, cls.imatrix_hooks, "imatrix")
 
     @classmethod
     def fused_expert(cls, suffix: str) -> tuple[str, int, int] | None:
