@@ -275,7 +275,12 @@ def plan_rows() -> list[dict]:
     return rows
 
 
-def plan_section(measured: bool) -> list[str]:
+def _k(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def plan_section(measured: list[int] | None) -> list[str]:
+    """`measured`: the contexts the Qwen3.5 sections below hold so far (None: none yet)."""
     rows = plan_rows()
     lines = [
         "## Qwen3.5 shapes (plan)",
@@ -306,7 +311,9 @@ def plan_section(measured: bool) -> list[str]:
     lines += [
         "",
         ("Measured rows: the Qwen3.5 sections below (`bench/contexts.py --only qwen3.5`), each with kiln plan's "
-         "prediction and its error beside the measured peak."
+         f"prediction and its error beside the measured peak; measured so far at {', '.join(map(str, measured))} "
+         "(the default run adds " + ", ".join(str(c) for c in QWEN35_CONTEXTS if c not in measured) + ": "
+         "hours per 131072-token row on 2 cores)."
          if measured else
          "Measured rows: pending the `bench/contexts.py --only qwen3.5` run (Qwen3.5-0.8B, Qwen3.5-2B and "
          "Qwen2.5-0.5B with YaRN x4, GGUF q8_0 and q4_k_m, at 4096 / 32768 / 131072 against llama.cpp's own loop "
@@ -353,20 +360,24 @@ def write_docs(reports: dict[str, dict], out: Path) -> None:
               "smollm2-particles": "SmolLM2-135M at 2048: N particles decoding together (SMC)",
               "qwen2.5-0.5b-shape": "Qwen2.5-0.5B shapes, random weights (cost only) to 32K",
               "arbor-500m-shape": "Arbor-500M native shapes, random weights (cost only) to 8K",
-              "qwen3.5-0.8b-shape": "Qwen3.5-0.8B shapes, random weights (cost only) to 128K",
-              "qwen3.5-2b-shape": "Qwen3.5-2B shapes, random weights (cost only) to 128K",
-              "qwen2.5-0.5b-shape-yarn4": "Qwen2.5-0.5B shapes with YaRN x4, random weights (cost only) to 128K"}
+              "qwen3.5-0.8b-shape": "Qwen3.5-0.8B shapes, random weights (cost only)",
+              "qwen3.5-2b-shape": "Qwen3.5-2B shapes, random weights (cost only)",
+              "qwen2.5-0.5b-shape-yarn4": "Qwen2.5-0.5B shapes with YaRN x4, random weights (cost only)"}
+    measured = sorted({int(c) for n in EXTRA_SECTIONS if n in reports for c in reports[n]["options"]["contexts"]})
     planned = False
     for name, rep in reports.items():
         from kiln.bench.report import markdown
 
         if name in EXTRA_SECTIONS and not planned:
-            parts += plan_section(measured=True)
+            parts += plan_section(measured=measured)
             planned = True
 
         table = markdown(rep).split("\n")
         body = [ln for ln in table if ln.startswith("|")]
-        parts += [f"## {titles.get(name, name)}", ""]
+        title = titles.get(name, name)
+        if name in EXTRA_SECTIONS:  # named by what it holds so far
+            title += " at " + " / ".join(_k(int(c)) for c in rep["options"]["contexts"])
+        parts += [f"## {title}", ""]
         if rep.get("label"):
             parts += [f"**{rep['label']}.**", ""]
         parts += body + [""]
@@ -374,7 +385,7 @@ def write_docs(reports: dict[str, dict], out: Path) -> None:
             parts += [f"![{name}]({rel.name}/{name}.png)", ""]
         parts += [f"Raw figures: [`{rel.name}/{name}.json`]({rel.name}/{name}.json).", ""]
     if not planned:
-        parts += plan_section(measured=False)
+        parts += plan_section(measured=None)
     with atomic_file(out.parent / "benchmarks.md") as tmp:
         tmp.write_text("\n".join(parts))
 
