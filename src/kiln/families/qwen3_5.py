@@ -277,8 +277,8 @@ class Qwen3_5(Family):
         names = [n for n in cls._weight_names(directory) if n.startswith(MTP_PREFIX)]
         if not names:
             return 0
-        stated = text.get("mtp_num_hidden_layers")
-        if isinstance(stated, int) and not isinstance(stated, bool) and stated > 0:
+        stated = cls.mtp_config_layers(text)
+        if stated:
             return stated
         found = {int(p[2]) for p in (n.split(".", 3) for n in names)
                  if len(p) == 4 and p[1] == "layers" and p[2].isdecimal()}
@@ -491,6 +491,7 @@ class Qwen3_5(Family):
 
     @classmethod
     def mtp_config_layers(cls, text: dict[str, Any]) -> int:
+        """`mtp_num_hidden_layers` when the config states a positive count, else 0."""
         value = text.get("mtp_num_hidden_layers")
         return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
