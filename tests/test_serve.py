@@ -95,8 +95,8 @@ def engine(tiny_qwen2_f32_gguf: Path):
 
 # --- endpoints ---------------------------------------------------------------------------------
 def test_health_needs_no_key_and_models_are_listed(server: Server) -> None:
-    assert server.health()["models"] == {"tq2": {"queued": 0, "busy": False},
-                                         "tq2-onnx": {"queued": 0, "busy": False}}
+    idle = {"queued": 0, "running": 0, "busy": False}
+    assert server.health()["models"] == {"tq2": idle, "tq2-onnx": idle}
     models = server.client().models.list()
     assert [m.id for m in models.data] == ["tq2", "tq2-onnx"]
     assert server.client().models.retrieve("tq2-onnx").kiln["format"] == "onnx"
@@ -290,7 +290,9 @@ def test_malformed_bodies_and_routes_never_take_the_server_down(server: Server) 
 
 
 # --- concurrency -------------------------------------------------------------------------------
-LONG_JOB = {"model": "tq2", "messages": MESSAGES, "max_tokens": 440, "n": 8, "temperature": 1.5, "seed": 0}
+# n = --rows (16): it holds every engine row, so the requests after it wait (continuous batching would
+# otherwise run them beside it)
+LONG_JOB = {"model": "tq2", "messages": MESSAGES, "max_tokens": 240, "n": 16, "temperature": 1.5, "seed": 0}
 
 
 def _wait_for(server: Server, check, timeout: float = 30.0) -> bool:
@@ -300,6 +302,32 @@ def _wait_for(server: Server, check, timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.005)
     return False
+
+
+def test_concurrent_requests_share_the_engine_steps(server: Server) -> None:
+    """Continuous batching: a request that arrives while another runs joins the batch at a step
+    boundary (health shows both running) instead of waiting for the engine, and each is answered as it
+    would be alone (greedy: the same text). The server's --queue-limit is 1, so each request is sent
+    once the previous one is running."""
+    job = {"model": "tq2", "messages": MESSAGES, "max_tokens": 400, "temperature": 0}
+    alone = json.loads(server.raw("/v1/chat/completions", json.dumps(job).encode())[2])
+    bodies = [job, job, {**job, "n": 2, "temperature": 1.0, "seed": 3},
+              {**job, "max_tokens": 60, "temperature": 1.0, "response_format": {"type": "json_schema",
+                                                            "json_schema": {"name": "s", "schema": SCHEMA}}}]
+    results: dict[int, tuple[int, bytes]] = {}
+    threads = [threading.Thread(target=lambda k=k, b=b: results.__setitem__(
+        k, server.raw("/v1/chat/completions", json.dumps(b).encode())[::2])) for k, b in enumerate(bodies)]
+    together = []
+    for k, t in enumerate(threads):
+        t.start()
+        together.append(_wait_for(server, lambda m, k=k: m["running"] >= min(k + 1, 2) and m["queued"] == 0))
+    for t in threads:
+        t.join()
+    assert all(together), together
+    assert [results[k][0] for k in range(4)] == [200] * 4, results
+    out = [json.loads(results[k][1]) for k in range(4)]
+    assert [o["choices"][0]["message"]["content"] for o in out[:2]] == [alone["choices"][0]["message"]["content"]] * 2
+    assert len(out[2]["choices"]) == 2 and out[3]["kiln"]["sampler"] == "smc"
 
 
 def test_a_full_queue_answers_429_with_retry_after(server: Server) -> None:

@@ -37,6 +37,7 @@ from kiln.errors import KilnError
 from kiln.formats import require_format
 from kiln.runtime.engine import Engine, longest_prefix_match
 from kiln.runtime.generate import chat_prompt
+from kiln.runtime.sampling import pick
 
 MAX_PARTICLES = 64  # engine sequences a GGUF chat holds (llama.cpp's one KV pool: cheap to have)
 DEFAULT_PARTICLES = 8
@@ -263,13 +264,6 @@ class ChatSession:
         self._held = list(tokens)
         return logits, reused
 
-    def _pick(self, logits: np.ndarray, temperature: float) -> int:
-        if temperature <= 0:
-            return int(np.argmax(logits))
-        z = logits.astype(np.float64) / temperature
-        c = np.cumsum(np.exp(z - z.max()))
-        return int(min(int(np.searchsorted(c, self._rng.random() * c[-1], side="right")), len(c) - 1))
-
     def _ask_plain(self, text: str, tokens: list[int], dropped: int, on_text: Callable[[str], None] | None,
                    stop: Callable[[], bool]) -> Reply:
         engine, max_tokens = self.engine, self.options.max_tokens
@@ -283,7 +277,7 @@ class ChatSession:
                 if stop():
                     stopped = "interrupted"
                     break
-                tok = self._pick(logits, temperature)
+                tok = pick(logits, temperature, 1.0, self._rng)
                 if tok in engine.eog_ids:
                     stopped = "eog"
                     break

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import KilnError
+from kiln.runtime.batching import SeqPlan, Task
 from kiln.runtime.engine import Engine
 from kiln.runtime.potentials.base import Potential
 
@@ -394,7 +395,7 @@ class _Population:
             return False
         return True
 
-    def propose(self, W: np.ndarray | None, plan: _SeqPlan) -> list[_Node]:
+    def propose(self, W: np.ndarray | None, plan: SeqPlan) -> list[_Node]:
         """One step up to the engine call: draw every live particle's token, update weights, resample
         if needed, and plan the sequence forks (into `plan`). Returns the prefixes to decode next."""
         n, V, rng, weighted = self.n, self.V, self.rng, self.weighted
@@ -609,7 +610,7 @@ def _run(engine: Engine, prompts: Sequence[Sequence[int]], n: int, proposal, cri
             missing = [pop for pop in active if id(pop) not in weights]
             if missing:
                 weights.update(zip((id(p) for p in missing), _batch_weights(missing, [p.nodes for p in missing])))
-            plan = _SeqPlan()
+            plan = SeqPlan()
             kids = [pop.propose(weights[id(pop)], plan) for pop in active]
             plan.apply(engine)
             stepping = [pop for pop, k in zip(active, kids) if k]
@@ -665,26 +666,7 @@ def _proposal_weights(props: list[Potential], nodes: list[_Node]) -> np.ndarray 
     return W
 
 
-class _SeqPlan:
-    """Engine sequence operations of one step, gathered over populations (disjoint id ranges) and run
-    as: drops of prefixes nobody continues, ONE reorder, drops of the sources that moved."""
-
-    def __init__(self) -> None:
-        self.drop_first: list[int] = []
-        self.src: list[int] = []
-        self.dst: list[int] = []
-        self.drop_after: list[int] = []
-
-    def apply(self, engine: Engine) -> None:
-        for s in self.drop_first:
-            engine.drop_seq(s)
-        if self.src:
-            engine.reorder(self.src, self.dst)  # every destination is free: no spare ids needed
-        for s in self.drop_after:
-            engine.drop_seq(s)
-
-
-def _assign_sequences(plan: _SeqPlan, parents: list[_Node], kids: list[_Node], base: int = 0) -> list[_Node]:
+def _assign_sequences(plan: SeqPlan, parents: list[_Node], kids: list[_Node], base: int = 0) -> list[_Node]:
     """Give each surviving child a sequence holding its parent's history (the child's own token is
     fed by the next `engine.step`), using ids base..base+len(kids)-1; parents nobody continues are
     dropped. Children's `row` still names their parent's row here. The engine calls go into `plan`."""
@@ -715,6 +697,73 @@ def _assign_sequences(plan: _SeqPlan, parents: list[_Node], kids: list[_Node], b
             plan.dst.append(kid.seq)
     plan.drop_after.extend(moved)
     return kids
+
+
+class SMCTask(Task):
+    """One SMC population (or, `weighted=False`, the mask-only baseline) as a continuous-batching task
+    (kiln.runtime.batching): `ContinuousBatch` runs it beside other requests' tasks, every step one
+    `engine.step` for all. Alone, it draws exactly what `smc` (or `locally_constrained`) draws with the
+    same arguments and seed: it is the same population machinery, stepped from outside. `result` is
+    final once the batch reports the task finished.
+
+    Arguments as `smc`; `timeout` counts from `start`. KV budget (`cells`): the prompt once plus
+    `n_particles × max_tokens` cells, what llama.cpp's single pool needs at most."""
+
+    def __init__(self, engine: Engine, prompt_ids: Sequence[int], n_particles: int = 16, *,
+                 proposal: Potential | Sequence[Potential] | None = None,
+                 critics: Potential | Sequence[Potential] | None = None,
+                 ess_threshold: float = 0.5, max_tokens: int = 64, resampling: str = "systematic",
+                 temperature: float = 1.0, seed: int | None = None, timeout: float | None = None,
+                 on_step: Callable[[StepInfo], Any] | None = None, weighted: bool = True) -> None:
+        props, crits = _as_list(proposal, "proposal"), _as_list(critics, "critics")
+        self._pieces: dict[int, bytes] = {}
+        self.pop = _Population(engine, 0, prompt_ids, int(n_particles), props, crits, float(ess_threshold),
+                               int(max_tokens), resampling, float(temperature), population_rng(seed, 0), weighted,
+                               self._text_of)
+        self.engine = engine
+        self.prompt = self.pop.prompt
+        self.rows = self.pop.n
+        self.cells = len(self.prompt) + self.pop.n * self.pop.max_tokens
+        self.timeout = timeout
+        self.on_step = on_step
+        self._pending = None
+        for p in (*props, *crits):
+            p.set_prompt(self.prompt)
+
+    def _text_of(self, tokens: Sequence[int]) -> str:
+        parts = []
+        for t in tokens:
+            b = self._pieces.get(t)
+            if b is None:
+                b = self._pieces[t] = self.engine.token_bytes(t)
+            parts.append(b)
+        return b"".join(parts).decode("utf-8", errors="replace")
+
+    @property
+    def result(self) -> SMCResult:
+        return self.pop.result
+
+    def start(self, engine: Engine, base: int, reserve: int) -> None:
+        self.pop.start(base, time.perf_counter(), reserve)
+
+    def propose(self, plan: SeqPlan) -> list[tuple[int, int]] | None:
+        pop = self.pop
+        timed_out = self.timeout is not None and time.perf_counter() - pop.t0 > self.timeout
+        if not pop.active(timed_out):
+            return None
+        if self._pending is not None:
+            W = self._pending.result()[0]
+            self._pending = None
+        else:
+            W = _batch_weights([pop], [pop.nodes])[0]
+        return [(nd.token, nd.seq) for nd in pop.propose(W, plan)]
+
+    def prefetch(self, pool: ThreadPoolExecutor) -> None:
+        if self.pop.props and self.pop.kids:
+            self._pending = pool.submit(_batch_weights, [self.pop], [self.pop.kids])
+
+    def absorb(self, logits: np.ndarray | None) -> None:
+        self.pop.absorb(logits, self.on_step)
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -829,6 +878,6 @@ def pool_posteriors(posteriors: Sequence[dict[str, float]], log_ml: Sequence[flo
     return out
 
 
-__all__ = ["RESAMPLERS", "SMCParticle", "SMCResult", "StepInfo", "locally_constrained", "multinomial",
+__all__ = ["RESAMPLERS", "SMCParticle", "SMCResult", "SMCTask", "StepInfo", "locally_constrained", "multinomial",
            "pool_posteriors", "resample", "residual", "smc", "smc_batch", "stratified", "systematic",
            "total_variation"]

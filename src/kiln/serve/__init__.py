@@ -8,9 +8,10 @@ options.py     `ServeOptions`: what the server is started with (and the bind/API
 errors.py      `APIError`: OpenAI's error JSON with its HTTP status
 parse.py       request bodies -> validated `GenRequest`s (400s with the offending `param`)
 models.py      the served artifacts: engines opened once, model ids, context budgets
-decode.py      generation on an engine: plain sampling (n rows per step, top_p, stop, logprobs)
-               and constrained sampling (SMC or mask-only) through kiln.runtime.smc
-worker.py      one worker per engine: an asyncio queue, requests run one at a time, 429 beyond it
+decode.py      a request's task: plain sampling (kiln.runtime.sampling: n rows, top_p, stop, logprobs)
+               or constrained sampling (SMC or mask-only: kiln.runtime.smc.SMCTask)
+worker.py      one worker thread per engine: every running request in one continuous batch
+               (kiln.runtime.batching), arrival-order admission, 429 beyond --queue-limit
 responses.py   OpenAI response objects and streaming chunks
 app.py         the Starlette application: routes, API-key check, server-sent events
 =============  =============================================================================

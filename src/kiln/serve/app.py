@@ -8,9 +8,10 @@ request (malformed JSON, unknown model, a field out of range, a schema llguidanc
 longer than the context), 401 for a missing or wrong API key, 429 (Retry-After) when the model's
 queue is full, 404/405 for other routes, 500 for a bug (logged, and the server keeps serving).
 
-A request is parsed and checked here, then runs as one `Job` on its model's worker (worker.py): the
-job tokenizes the prompt, sizes the run (models.py), builds the constraint, reports "ready" (or
-the error, still answered as a plain 400 before any stream starts), then decodes (decode.py),
+A request is parsed and checked here, then runs as one `Job` on its model's worker (worker.py): on
+the worker thread the job tokenizes the prompt, sizes the run (models.py), builds the constraint and
+its task (decode.py), and reports "ready" (or the error, still answered as a plain 400 before any
+stream starts); the task then runs in the model's continuous batch beside the other requests,
 emitting text deltas for a stream and the finished choices at the end.
 """
 
@@ -34,13 +35,13 @@ from starlette.routing import Route
 
 from kiln.errors import KilnError
 from kiln.runtime.generate import chat_prompt
-from kiln.serve.decode import Cancelled, build_potential, check_prompt_ids, constrained, sample
+from kiln.serve.decode import build_potential, check_prompt_ids, constrained_choices, constrained_task, plain_task
 from kiln.serve.errors import APIError, bad_request
 from kiln.serve.models import ServedModel, close_models, open_models
 from kiln.serve.options import ServeOptions
 from kiln.serve.parse import GenRequest, parse_request
 from kiln.serve.responses import Reply, sse
-from kiln.serve.worker import EngineWorker, Job
+from kiln.serve.worker import EngineWorker, Job, Prepared
 
 log = logging.getLogger("kiln.serve")
 
@@ -51,11 +52,10 @@ def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-# --- the work of one request, on the model's worker thread -------------------------------------
+# --- the work of one request, prepared on the model's worker thread ------------------------------
 def _job(model: ServedModel, req: GenRequest, options: ServeOptions):
-    def run(job: Job) -> None:
+    def prepare(job: Job) -> Prepared | None:
         param: str | None = "messages" if req.kind == "chat" else "prompt"  # what a 400 blames
-        ready = False  # once decoding runs, a KilnError is the server's fault (its sizing), not the request's
         try:
             engine = model.engine
             if req.kind == "chat":
@@ -67,37 +67,29 @@ def _job(model: ServedModel, req: GenRequest, options: ServeOptions):
             if not ids:
                 raise bad_request("the prompt is empty (no tokens)", param)
             s, c = req.sampling, req.constraint
-            stop_now = lambda: job.cancelled  # noqa: E731
             if c is None:
                 max_tokens = model.budget(len(ids), s.n, s.max_tokens, options.max_tokens, prompt_param=param,
                                           rows_param="n")
-                job.emit("ready", len(ids))
-                ready = True
                 emit = (lambda i, text, lps: job.emit("delta", i, text, lps)) if req.stream else None
-                choices, report = sample(engine, ids, s, max_tokens, emit, stop_now), None
+                task = plain_task(engine, ids, s, max_tokens, emit)
+                prep = Prepared(task, lambda: job.emit("done", task.choices, None))
             else:
                 particles = (c.particles or max(s.n, options.particles)) if c.sampler == "smc" else s.n
                 max_tokens = model.budget(len(ids), particles, s.max_tokens, options.max_tokens, prompt_param=param,
                                           rows_param="kiln.particles" if c.particles else "n")
                 param = c.param
-                potential = build_potential(model.vocab(), c)
-                job.emit("ready", len(ids))
-                ready = True
-                choices, report = constrained(engine, ids, potential, c, s, max_tokens, particles, stop_now)
-            job.emit("done", choices, report)
-        except Cancelled:
-            job.emit("cancelled")
+                ctask = constrained_task(engine, ids, build_potential(model.vocab(), c), c, s, max_tokens,
+                                         particles)
+                prep = Prepared(ctask, lambda: job.emit("done", *constrained_choices(ctask, c, s)))
+            job.emit("ready", len(ids))
+            return prep
         except APIError as err:
             job.emit("error", err)
         except KilnError as err:
-            if ready:
-                log.error("request failed: %s", err)
-            job.emit("error", APIError(500, str(err)) if ready else bad_request(str(err), param))
-        except Exception as exc:  # noqa: BLE001 - a bug: answered as a 500, the server keeps serving
-            log.exception("request failed")
-            job.emit("error", APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+            job.emit("error", bad_request(str(err), param))
+        return None
 
-    return run
+    return prepare
 
 
 # --- handlers ----------------------------------------------------------------------------------
@@ -261,7 +253,7 @@ def build_app(models: dict[str, ServedModel], options: ServeOptions) -> Any:
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
-        app.state.workers = {mid: EngineWorker(mid, options.queue_limit) for mid in models}
+        app.state.workers = {mid: EngineWorker(mid, m.engine, options.queue_limit) for mid, m in models.items()}
         for w in app.state.workers.values():
             w.start()
         yield

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kiln import __version__
-from kiln.serve.decode import Choice, TokenLogprob
+from kiln.runtime.sampling import Choice, TokenLogprob
 
 FINGERPRINT = f"kiln-{__version__}"
 
