@@ -956,3 +956,35 @@ def test_tiny_qwen3_5_gguf_gets_the_qwen35_template(tmp_path, go_render):
     proc = kiln("generate", gguf_path, "--chat", "--think", "--prompt", "Hi", "--max-tokens", "2", "--json")
     assert proc.returncode == 0, proc.stderr
     one_line_error(kiln("generate", gguf_path, "--think", "--prompt", "Hi", "--max-tokens", "2"), "--chat")
+
+
+def test_num_ctx_set_capped_and_checked(tmp_path):
+    g = write_gguf(tmp_path / "tiny.Q8_0.gguf", eot_id=1)
+    assert "PARAMETER num_ctx 8192\n" in render_modelfile(g, num_ctx=8192).text
+    res = render_modelfile(g, num_ctx=65536)
+    assert "PARAMETER num_ctx 32768\n" in res.text and any("capped" in w for w in res.warnings)
+    with pytest.raises(KilnError, match="num_ctx 0"):
+        render_modelfile(g, num_ctx=0)
+    out = write_modelfile(g, tmp_path / "Modelfile", num_ctx=4096)
+    assert "PARAMETER num_ctx 4096\n" in out.read_text()
+
+
+def test_kiln_modelfile_sizes_num_ctx_for_the_machine(smollm2_dir, tmp_path):
+    """`kiln modelfile` picks num_ctx from the cost model (a multiple of 256, at most the context) unless
+    --num-ctx is given; a budget too small for the full 8192 gives less."""
+    pytest.importorskip("llama_cpp")
+    from kiln.bench.plan import machine_num_ctx
+    from kiln.fixtures import smollm2_original_gguf
+    from kiln_cli import kiln
+
+    gguf_path = smollm2_original_gguf()
+    small = machine_num_ctx(gguf_path, memory=400 * 2 ** 20)
+    assert 256 <= small < 8192 and small % 256 == 0
+    assert machine_num_ctx(gguf_path, memory=64 * 2 ** 30) == 8192
+    r = kiln("modelfile", gguf_path, "-o", tmp_path / "a.Modelfile")
+    assert r.returncode == 0, r.stderr
+    n = int(parse_modelfile((tmp_path / "a.Modelfile").read_text())["num_ctx"][0])
+    assert 256 <= n <= 8192 and (n % 256 == 0 or n == 8192)
+    r = kiln("modelfile", gguf_path, "-o", tmp_path / "b.Modelfile", "--num-ctx", "2048")
+    assert r.returncode == 0, r.stderr
+    assert parse_modelfile((tmp_path / "b.Modelfile").read_text())["num_ctx"] == ["2048"]

@@ -18,6 +18,8 @@ from kiln import __version__
 from kiln.cli_common import emit_json, options, progress, read_text, stderr_console
 from kiln.errors import KilnError
 
+OVERFLOW_CHOICES = ("error", "truncate", "chunk")  # kiln.runtime.document.OVERFLOW_POLICIES (not imported: fast --help)
+RANK_CHOICES = ("bm25", "likelihood")
 
 _rope_options = options(
     click.option("--rope-scaling", help="Bake RoPE scaling: linear:F, yarn:F or none (default: from config.json)."),
@@ -95,6 +97,9 @@ def export() -> None:
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix for llama.cpp's quantizer.")
 @_rope_options
 @click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile next to the GGUF.")
+@click.option("--num-ctx", type=int, default=None,
+              help="With --modelfile: its PARAMETER num_ctx [default: the largest context half this machine's "
+                   "memory holds by kiln plan's cost model, at most the model's].")
 @click.option("--no-verify", is_flag=True, help="Skip the logits check against the source (not recommended).")
 @click.option("--threads", type=int, default=0, help="Threads for quantizing and verifying (0: all).")
 @_source_options
@@ -102,7 +107,7 @@ def export() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_gguf_cmd(src: Path, out: Path, quant: str, imatrix: Path | None, rope_scaling: str | None,
                     original_context: int | None, context: int | None, allow_shorter_context: bool,
-                    modelfile: bool, no_verify: bool, threads: int, allow_pickle: bool, n_heads: int | None,
+                    modelfile: bool, num_ctx: int | None, no_verify: bool, threads: int, allow_pickle: bool, n_heads: int | None,
                     tokenizer: Path | None, force: bool, as_json: bool) -> None:
     """Export the checkpoint SRC (Hugging Face, native Arbor, nanoGPT) to a GGUF file, verified in llama.cpp.
 
@@ -116,11 +121,13 @@ def export_gguf_cmd(src: Path, out: Path, quant: str, imatrix: Path | None, rope
     """
     from kiln.pipeline import export_gguf_artifact
 
+    if num_ctx is not None and (num_ctx < 1 or not modelfile):
+        raise KilnError(f"--num-ctx {num_ctx}: must be positive" if num_ctx < 1 else "--num-ctx needs --modelfile")
     with progress(not as_json) as update:
         result = export_gguf_artifact(
             src, out, quant, rope_scaling=rope_scaling, original_context=original_context, context=context,
             allow_shorter_context=allow_shorter_context, imatrix=imatrix, modelfile=modelfile,
-            verify=not no_verify, threads=threads, allow_pickle=allow_pickle, n_heads=n_heads, tokenizer=tokenizer,
+            num_ctx=num_ctx, verify=not no_verify, threads=threads, allow_pickle=allow_pickle, n_heads=n_heads, tokenizer=tokenizer,
             progress=update, force=force)
     if as_json:
         emit_json(result.record)
@@ -269,23 +276,54 @@ def quantize_gptq_cmd(src: Path, out: Path, bits: str, group_size: str, sym: boo
 @cli.command()
 @click.argument("gguf", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Output path (default: NAME.Modelfile beside the GGUF).")
+@click.option("--num-ctx", type=int, default=None,
+              help="PARAMETER num_ctx: the context Ollama allocates a KV cache for [default: the largest that fits "
+                   "half this machine's memory by kiln plan's cost model, a multiple of 256, at most the "
+                   "model's context].")
 @_force_option
-def modelfile(gguf: Path, out: Path | None, force: bool) -> None:
+def modelfile(gguf: Path, out: Path | None, num_ctx: int | None, force: bool) -> None:
     """Write an Ollama Modelfile for an existing GGUF, from its own metadata.
 
     \b
-    Example:
+    Examples:
       kiln modelfile out/smol.q4_k_m.gguf && ollama create smol -f out/smol.q4_k_m.Modelfile
+      kiln modelfile out/qwen-128k.q4_k_m.gguf --num-ctx 16384
     """
-    from kiln.pipeline import write_modelfile_for
+    from kiln.bench.plan import machine_num_ctx
+    from kiln.export.modelfile import write_modelfile
+    from kiln.pipeline import modelfile_path
 
     if not gguf.is_file():
         raise KilnError(f"{gguf}: no such GGUF file")
+    if num_ctx is not None and num_ctx < 1:
+        raise KilnError(f"--num-ctx {num_ctx}: must be positive")
+    chosen = num_ctx if num_ctx is not None else machine_num_ctx(gguf)
+    import logging
+
     warnings: list[str] = []
-    path = write_modelfile_for(gguf, None, warnings, out=out, force=force)
-    click.echo(f"wrote {path}")
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            warnings.append(record.getMessage())
+
+    log = logging.getLogger("kiln.export.modelfile")
+    handler = _Collect()
+    log.addHandler(handler)
+    propagate, log.propagate = log.propagate, False
+    try:
+        path = write_modelfile(gguf, out or modelfile_path(gguf), force=force, num_ctx=chosen)
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+    click.echo(f"wrote {path}  (num_ctx {min(chosen, _gguf_context(gguf))})")
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
+
+
+def _gguf_context(gguf: Path) -> int:
+    from kiln.bench.geometry import read_geometry
+
+    return read_geometry(gguf).context_length
 
 
 @cli.command()
@@ -393,9 +431,29 @@ def imatrix_cmd(src: Path, calib: Path | None, out: Path, ctx: int, chunks: int 
 
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--prompt", "prompts", required=True, multiple=True,
+@click.option("--prompt", "prompts", multiple=True,
               help="Prompt text (a user message with --chat). Repeatable: with SMC several prompts run together "
-                   "(one population each, one engine step for all); without SMC one after another.")
+                   "(one population each, one engine step for all); without SMC one after another. With "
+                   "--prompt-file: the instruction that follows the document.")
+@click.option("--prompt-file", type=click.Path(path_type=Path, allow_dash=True),
+              help="Read the prompt (a document) from FILE, '-' for standard input: UTF-8 text, read and tokenized "
+                   "in pieces; the context is sized from its tokens.")
+@click.option("--question", help="With --prompt-file: the question to answer; chunks are ranked by it "
+                                  "(--overflow chunk). Also the instruction when --prompt is not given.")
+@click.option("--overflow", type=click.Choice(OVERFLOW_CHOICES), default="error", show_default=True,
+              help="A document over the window: refuse it, keep its start and end (the middle goes), or split it "
+                   "into chunks (ranked by the question and packed into the window; without a question the "
+                   "instruction runs over every chunk and a final pass combines the answers).")
+@click.option("--chunk-size", type=int, default=1024, show_default=True, help="Tokens per chunk (--overflow chunk).")
+@click.option("--overlap", type=int, default=128, show_default=True, help="Tokens shared by consecutive chunks.")
+@click.option("--rank", "rank_method", type=click.Choice(RANK_CHOICES), default="bm25", show_default=True,
+              help="Chunk ranking: BM25 (bm25s) or the model's likelihood of the question given the chunk "
+                   "(measured: bench/longdoc.py, docs/long-context.md).")
+@click.option("--max-chunks", type=int, default=256, show_default=True,
+              help="Most chunks a document may give (a bound on time and memory; more is refused).")
+@click.option("--memory", "memory", default=None, metavar="SIZE",
+              help="Memory the run may use (e.g. 8GiB) [default: what the machine has available]; a context "
+                   "that would not fit by kiln plan's cost model is refused before loading.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt with the artifact's chat template.")
 @click.option("--system", help="System message (with --chat).")
 @click.option("--think/--no-think", "thinking", default=None,
@@ -420,9 +478,13 @@ def imatrix_cmd(src: Path, calib: Path | None, out: Path, ctx: int, chunks: int 
 @click.option("--timeout", type=float, default=None, help="Seconds; returns the weighted set reached by then.")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the generation cache.")
 @click.option("--threads", type=int, default=0)
-@click.option("--ctx", type=int, default=None, help="Context to allocate (default: what the run needs, or 4096).")
+@click.option("--ctx", type=int, default=None,
+              help="Context to allocate [default: what the run needs: the prompt's tokens + --max-tokens (+ the "
+                   "particles' tails), within the artifact's window].")
 @click.option("--json", "as_json", is_flag=True)
-def generate(artifact: Path, prompts: tuple[str, ...], chat: bool, system: str | None, thinking: bool | None,
+def generate(artifact: Path, prompts: tuple[str, ...], prompt_file: Path | None, question: str | None,
+             overflow: str, chunk_size: int, overlap: int, rank_method: str, max_chunks: int, memory: str | None,
+             chat: bool, system: str | None, thinking: bool | None,
              max_tokens: int,
              temperature: float | None, seed: int | None, particles: int | None, regex: str | None,
              json_schema: str | None, grammar: str | None, potentials: tuple[str, ...], ess_threshold: float,
@@ -440,8 +502,13 @@ def generate(artifact: Path, prompts: tuple[str, ...], chat: bool, system: str |
     "== prompt I/K: TEXT" header before each result (--json: a list, one object per prompt).
     Without SMC they are generated one after another, each under such a header.
 
-    From Python: kiln.runtime.steer_prompts (SMC, the same result objects as --json) and
-    kiln.runtime.generate_prompts (plain generation).
+    A long document: --prompt-file FILE (or - for standard input), with --prompt as the instruction
+    after it and/or --question. The context is sized from the tokens (a run the machine's memory
+    cannot hold is refused first); a document over the artifact's window follows --overflow.
+    Long prefills show tokens, tokens/s and ETA on an interactive stderr.
+
+    From Python: kiln.runtime.steer_prompts (SMC, the same result objects as --json),
+    kiln.runtime.generate_prompts (plain generation) and kiln.runtime.answer_document (documents).
 
     \b
     Examples:
@@ -453,14 +520,29 @@ def generate(artifact: Path, prompts: tuple[str, ...], chat: bool, system: str |
       kiln generate smol.q4_k_m.gguf --prompt "Person:" -n 8 --json-schema person.json --max-tokens 60
       kiln generate smol.q4_k_m.gguf --prompt "Dear Sir," -n 16 --potential style:formal --potential sentence
       kiln generate smol.q4_k_m.gguf --chat --prompt "Is ice cold?" --prompt "Is fire cold?" -n 8 --regex "(Yes|No)\\."
+      kiln generate smol.q4_k_m.gguf --chat --prompt-file report.txt --prompt "Summarize this." --overflow chunk
+      kiln generate smol.q4_k_m.gguf --chat --prompt-file - --question "Who signed it?" --overflow chunk < doc.txt
     """
     if thinking is not None and not chat:
         raise KilnError("--think/--no-think set a chat template's thinking block: use them with --chat")
+    if not prompts and prompt_file is None:
+        raise KilnError("give a --prompt or a --prompt-file")
+    if question is not None and prompt_file is None:
+        raise KilnError("--question goes with --prompt-file (the document it asks about)")
+    if prompt_file is not None and len(prompts) > 1:
+        raise KilnError("with --prompt-file, give at most one --prompt (the instruction after the document)")
     steered = particles is not None or regex is not None or json_schema is not None or grammar is not None \
         or bool(potentials)
+    check = _memory_check(artifact, memory)
+    if prompt_file is not None:
+        _document_generate(artifact, prompt_file, prompts[0] if prompts else None, question, overflow, chunk_size,
+                           overlap, rank_method, max_chunks, chat, system, thinking, max_tokens, temperature, seed,
+                           threads, ctx, as_json, check, steered, particles, regex, json_schema, grammar, potentials,
+                           ess_threshold, resampling, timeout, no_cache)
+        return
     if not steered:
         _plain_generate(artifact, list(prompts), chat, system, thinking, max_tokens, temperature, seed, threads, ctx,
-                        as_json)
+                        as_json, check)
         return
     from kiln.runtime.steering import Constraints, SteerOptions, steer_prompts
 
@@ -472,7 +554,8 @@ def generate(artifact: Path, prompts: tuple[str, ...], chat: bool, system: str |
     constraints = Constraints(regex=regex, json_schema=json_schema, grammar=grammar, specs=list(potentials))
     with _smc_display(not as_json, n, len(prompts)) as on_step:
         outs = steer_prompts(artifact, prompts, steer_options, constraints, chat=chat, system=system,
-                             thinking=thinking, threads=threads or None, n_ctx=ctx, use_cache=not no_cache, on_step=on_step)
+                             thinking=thinking, threads=threads or None, n_ctx=ctx, use_cache=not no_cache, on_step=on_step,
+                             memory_check=check)
     if as_json:
         emit_json(outs[0] if len(prompts) == 1 else outs)
     elif len(prompts) == 1:
@@ -544,7 +627,7 @@ def chat_cmd(artifact: Path, system: str | None, thinking: bool | None, max_toke
 def _plain_generate(artifact: Path, prompts: list[str], chat: bool, system: str | None, thinking: bool | None,
                     max_tokens: int,
                     temperature: float | None, seed: int | None, threads: int, ctx: int | None,
-                    as_json: bool) -> None:
+                    as_json: bool, check=None) -> None:
     """Without SMC: each prompt in turn, streamed to stdout (under a header when there are several)."""
     from kiln.runtime.generate import generate_prompts
 
@@ -554,12 +637,120 @@ def _plain_generate(artifact: Path, prompts: list[str], chat: bool, system: str 
         if len(prompts) > 1:
             click.echo(_prompt_header(i, prompts))
 
-    outs = generate_prompts(artifact, prompts, chat=chat, system=system, thinking=thinking, max_tokens=max_tokens,
-                            temperature=temperature or 0.0, seed=seed, threads=threads or None, n_ctx=ctx,
-                            on_prompt=None if as_json else start,
-                            on_token=None if as_json else (lambda i, text: click.echo(text, nl=False)))
+    with _prefill_display(not as_json) as on_prefill:
+        outs = generate_prompts(artifact, prompts, chat=chat, system=system, thinking=thinking, max_tokens=max_tokens,
+                                temperature=temperature or 0.0, seed=seed, threads=threads or None, n_ctx=ctx,
+                                on_prompt=None if as_json else start,
+                                on_token=None if as_json else (lambda i, text: click.echo(text, nl=False)),
+                                on_prefill=on_prefill, memory_check=check)
     if as_json:
         emit_json(outs[0] if len(prompts) == 1 else outs)
+    else:
+        click.echo()
+
+
+def _memory_check(artifact: Path, memory: str | None):
+    """A `memory_check(n_ctx, n_seq_max)` for the runtime: kiln plan's cost model (kiln.bench.cost_model) of the
+    artifact at that context against `memory` (default: the memory this machine has available now)."""
+    from kiln.bench.plan import parse_size
+
+    budget = parse_size(memory) if memory is not None else None
+    if budget is not None and budget <= 0:
+        raise KilnError("--memory must be positive")
+
+    def check(n_ctx: int, n_seq: int) -> None:
+        from kiln.bench.cost_model import predict_peak
+        from kiln.bench.geometry import read_geometry
+        from kiln.bench.plan import _human, available_memory
+
+        limit = budget if budget is not None else available_memory()
+        if limit is None:
+            return
+        est = predict_peak(read_geometry(artifact), n_ctx, particles=n_seq)
+        if est.total > limit:
+            seqs = f" for {n_seq} sequences" if n_seq > 1 else ""
+            raise KilnError(f"a context of {n_ctx} tokens{seqs} needs about {_human(est.total)} (KV cache "
+                            f"{_human(est.kv)}, weights {_human(est.weights + est.repacked)}, compute "
+                            f"{_human(est.compute)}, runtime {_human(est.runtime)}) but "
+                            + (f"--memory is {_human(limit)}" if budget is not None else
+                               f"this machine has {_human(limit)} available")
+                            + ": lower --ctx, --max-tokens or --particles, or use --overflow truncate or chunk")
+    return check
+
+
+@contextmanager
+def _prefill_display(enabled: bool):
+    """A status line for long prefills (tokens, tokens/s, ETA) on an interactive stderr, rewritten in place and
+    cleared when the prefill ends (stdout, where the answer streams, is left alone); None elsewhere."""
+    console = stderr_console() if enabled else None
+    if console is None or not console.is_interactive:
+        yield None
+        return
+    err = click.get_text_stream("stderr")
+    shown = [False]
+
+    def update(info) -> None:
+        if info.done >= info.total:
+            if shown[0]:
+                err.write("\r\033[K")
+                err.flush()
+                shown[0] = False
+            return
+        err.write("\r\033[K" + info.text()[:max(console.width - 1, 20)])
+        err.flush()
+        shown[0] = True
+
+    try:
+        yield update
+    finally:
+        if shown[0]:
+            err.write("\r\033[K")
+            err.flush()
+
+
+def _document_generate(artifact: Path, prompt_file: Path, instruction: str | None, question: str | None,
+                       overflow: str, chunk_size: int, overlap: int, rank_method: str, max_chunks: int, chat: bool,
+                       system: str | None, thinking: bool | None, max_tokens: int, temperature: float | None,
+                       seed: int | None, threads: int, ctx: int | None, as_json: bool, check, steered: bool,
+                       particles: int | None, regex: str | None, json_schema: str | None, grammar: str | None,
+                       potentials: tuple[str, ...], ess_threshold: float, resampling: str, timeout: float | None,
+                       no_cache: bool) -> None:
+    """--prompt-file: kiln.runtime.document.answer_document, the answer streamed (plain) or SMC's draw printed."""
+    from kiln.runtime.document import DocumentOptions, answer_document, stdin_source
+
+    options = DocumentOptions(overflow=overflow, chunk_size=chunk_size, overlap=overlap, rank=rank_method,
+                              max_chunks=max_chunks)
+    options.validate()
+    steer = None
+    n = 16 if particles is None else particles
+    if steered:
+        from kiln.runtime.steering import Constraints, SteerOptions
+
+        steer = (SteerOptions(particles=n, max_tokens=max_tokens, ess_threshold=ess_threshold, resampling=resampling,
+                              temperature=1.0 if temperature is None else temperature, seed=seed, timeout=timeout),
+                 Constraints(regex=regex, json_schema=json_schema, grammar=grammar, specs=list(potentials)))
+        steer[0].validate()
+    elif temperature is not None and not temperature >= 0:
+        raise KilnError(f"temperature {float(temperature)}: must be >= 0 (0 = greedy)")
+    if str(prompt_file) == "-":
+        source, name = stdin_source(), "standard input"
+    else:
+        source, name = prompt_file, str(prompt_file)
+    stream = None if as_json or steered else (lambda text: click.echo(text, nl=False))
+    with _prefill_display(not as_json) as on_prefill:
+        out = answer_document(artifact, source, instruction, question=question, max_tokens=max_tokens,
+                              options=options, chat=chat, system=system, thinking=thinking,
+                              temperature=temperature or 0.0, seed=seed, steer=steer, threads=threads or None,
+                              n_ctx=ctx, memory_check=check, progress=on_prefill,
+                              on_token=stream, use_cache=not no_cache, name=name,
+                              on_note=None if as_json else (lambda note: click.echo(f"note: {note}", err=True)))
+    if as_json:
+        emit_json(out)
+    elif steer is not None:
+        if out["sample"] is None:
+            raise KilnError("no particle finished: every particle was ruled out by the constraints"
+                            + (" or the timeout came first" if out["timed_out"] else ""))
+        _print_steered(out, n, out["cached"])
     else:
         click.echo()
 
@@ -636,7 +827,8 @@ cli.add_command(plan_cmd)
 @click.option("--ctx", type=int, default=None,
               help="Tokens one sequence may hold, prompt included [default: the artifact's context, at most 4096].")
 @click.option("--rows", type=int, default=16, show_default=True,
-              help="Engine sequences: the most choices (n) or SMC particles one request may use (ONNX allocates "
+              help="Engine sequences shared by the requests running at once (continuous batching): one request's "
+                   "choices (n) or SMC particles are rows, and it may use all of them (ONNX allocates "
                    "rows x ctx KV positions up front).")
 @click.option("--kv-cells", type=int, default=None,
               help="GGUF: cells of llama.cpp's one KV cache shared by all rows [default: max(ctx, 4096)].")
@@ -645,7 +837,7 @@ cli.add_command(plan_cmd)
 @click.option("--max-tokens", type=int, default=256, show_default=True,
               help="Tokens generated when a request gives no max_tokens (less if the context is fuller).")
 @click.option("--queue-limit", type=int, default=16, show_default=True,
-              help="Requests waiting per model behind the running one; beyond it: 429 with Retry-After.")
+              help="Requests waiting per model for free rows; beyond it: 429 with Retry-After.")
 @click.option("--threads", type=int, default=None, help="Engine threads [default: the cores, at most 8].")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
@@ -664,7 +856,8 @@ def serve_cmd(artifacts: tuple[str, ...], host: str, port: int, api_key: str | N
     (the response's "kiln" field carries the ESS and log Z); {"kiln": {"sampler": "mask"}} gives
     mask-only decoding, {"kiln": {"particles": N}} sets the particles.
 
-    Requests to one model run one at a time, in order; bad requests get OpenAI's error JSON (400).
+    Requests to one model run in one continuous batch (they join at step boundaries when their rows
+    are free; one engine call per step for all); bad requests get OpenAI's error JSON (400).
     From Python: kiln.serve.serve(kiln.serve.ServeOptions(...)).
 
     \b

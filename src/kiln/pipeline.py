@@ -251,6 +251,7 @@ def export_gguf_artifact(
     allow_shorter_context: bool = False,
     imatrix: str | Path | None = None,
     modelfile: bool = False,
+    num_ctx: int | None = None,
     verify: bool = True,
     threads: int = 0,
     allow_pickle: bool = False,
@@ -274,7 +275,7 @@ def export_gguf_artifact(
     imatrix_path = Path(imatrix) if imatrix else None
     warnings: list[str] = []
     stats = source.write_gguf(out, qtype, rope, imatrix_path, threads, progress, warnings, force)
-    mf = write_modelfile_for(out, source.license_dir, warnings, force=force) if modelfile else None
+    mf = write_modelfile_for(out, source.license_dir, warnings, force=force, num_ctx=num_ctx) if modelfile else None
     record = {
         "kind": "gguf",
         "source": source.source_record(),
@@ -323,9 +324,12 @@ def _raise_if_failed(record: dict[str, Any], out: Path, manifest: Path) -> None:
 
 
 def write_modelfile_for(gguf: Path, source: Path | None = None, warnings: list[str] | None = None,
-                        out: Path | None = None, force: bool = False) -> Path:
+                        out: Path | None = None, force: bool = False, num_ctx: int | None = None) -> Path:
     """Write `<name>.Modelfile` beside `gguf` (with the source's LICENSE copied next to it, unless a
-    LICENSE is there already); an existing Modelfile not written by kiln is kept unless `force`."""
+    LICENSE is there already); an existing Modelfile not written by kiln is kept unless `force`.
+    `num_ctx` (PARAMETER num_ctx, the KV cache Ollama allocates): by default the largest context this
+    machine's available memory holds by kiln plan's cost model, at most the model's."""
+    from kiln.bench.plan import machine_num_ctx
     from kiln.export.modelfile import render_modelfile
 
     if source is not None:
@@ -341,7 +345,7 @@ def write_modelfile_for(gguf: Path, source: Path | None = None, warnings: list[s
 
     rel = os.path.relpath(gguf.resolve(), dest.resolve().parent)
     ref = rel if rel.startswith("..") else f"./{rel}"
-    result = render_modelfile(gguf, from_ref=ref)
+    result = render_modelfile(gguf, from_ref=ref, num_ctx=num_ctx if num_ctx is not None else machine_num_ctx(gguf))
     if warnings is not None:
         warnings.extend(result.warnings)
     with atomic_file(dest, may_replace("modelfile", force)) as tmp:

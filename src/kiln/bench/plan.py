@@ -143,6 +143,60 @@ def _largest_context(geo: Geometry, budget: int, kw: dict[str, Any], limit: int)
     return max(64, lo // 256 * 256 or lo)
 
 
+def available_memory() -> int | None:
+    """Bytes this process may still use: MemAvailable, or less where a cgroup limit says so."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            room = int(limit) - used
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def total_memory() -> int | None:
+    """Bytes of this machine's memory (MemTotal, or a smaller cgroup limit)."""
+    total = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                total = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            total = int(limit) if total is None else min(total, int(limit))
+    except (OSError, ValueError):
+        pass
+    return total
+
+
+def machine_num_ctx(gguf: Path, memory: int | None = None) -> int:
+    """The largest context (a multiple of 256, at most the model's) whose KV cache, weights and buffers fit
+    `memory` by kiln plan's cost model; 256 when none does. Default `memory`: half of this machine's total
+    memory, not what is free this minute, so that the Modelfile one machine writes does not change from
+    run to run (the other half stays for the system and the apps beside Ollama)."""
+    from kiln.bench.geometry import read_geometry
+
+    geo = read_geometry(gguf)
+    total = total_memory()
+    budget = memory if memory is not None else (None if total is None else total // 2)
+    if budget is None:
+        return geo.context_length
+    fits = _largest_context(geo, budget, {"kv_type": "f16", "flash_attn": False, "particles": 1}, geo.context_length)
+    return max(256, min(geo.context_length, fits) // 256 * 256) if fits < geo.context_length else geo.context_length
+
+
 def plan(src: str | Path, memory: int, context: int | None = None, target: str = "gguf",
          kv_type: str = "f16", flash_attn: bool = False, particles: int = 1) -> Plan:
     """The best quantization whose weights + KV + compute + runtime fit `memory` at `context`

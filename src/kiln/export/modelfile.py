@@ -10,15 +10,18 @@ template by *rendering* it (see `kiln.export.chat_templates`) and writes:
   HF template's (``add_generation_prompt=True``), checked at export time;
 * ``PARAMETER stop`` - the family's end-of-turn strings plus the GGUF's eos/eot/eom
   tokens, each only if it is a token of the vocabulary;
-* ``PARAMETER num_ctx`` - the GGUF's ``{arch}.context_length`` (which already includes
-  any baked RoPE scaling; Ollama clamps num_ctx to it anyway);
+* ``PARAMETER num_ctx`` - the context Ollama allocates: ``num_ctx`` when given (``kiln modelfile``
+  chooses it for the machine from kiln plan's cost model, or takes ``--num-ctx``), capped at the
+  GGUF's ``{arch}.context_length`` (which already includes any baked RoPE scaling; Ollama clamps
+  num_ctx to it anyway); without one, that full context;
 * ``LICENSE`` - the text of a LICENSE file beside the GGUF, else ``general.license``.
 
 What an Ollama user should know:
 
-* ``num_ctx`` is the model's full context. Ollama allocates the KV cache for it, which
-  for 32k-128k contexts costs a lot of memory; lower it (``PARAMETER num_ctx 8192`` or
-  ``options.num_ctx``) on small machines. It cannot be raised above context_length.
+* Ollama allocates the KV cache for ``num_ctx`` up front: the full context of a 32k-128k model
+  costs more memory than most machines hold, which is why ``kiln modelfile`` sizes it for the
+  machine (``--num-ctx`` sets it; ``options.num_ctx`` changes it per request). It cannot be raised
+  above context_length.
 * The template covers plain chat (system/user/assistant). Tool calls, images and
   "thinking" fields are not rendered; Qwen2.5/Qwen3 tool-use prompts differ from HF.
 * A default system prompt baked into the HF template (Qwen2.5's "You are Qwen...",
@@ -130,8 +133,10 @@ def _one_line(s: str) -> str:
     return " ".join(str(s).split())
 
 
-def render_modelfile(gguf_path: str | os.PathLike[str], from_ref: str | None = None) -> ModelfileResult:
-    """Build the Modelfile text for ``gguf_path``; ``from_ref`` overrides the ``FROM`` target."""
+def render_modelfile(gguf_path: str | os.PathLike[str], from_ref: str | None = None,
+                     num_ctx: int | None = None) -> ModelfileResult:
+    """Build the Modelfile text for ``gguf_path``; ``from_ref`` overrides the ``FROM`` target, ``num_ctx`` the
+    context (default: the GGUF's full context; one above it is capped there, with a warning)."""
     path = pathlib.Path(gguf_path)
     meta = _Meta(path)
     warnings: list[str] = []
@@ -178,6 +183,12 @@ def render_modelfile(gguf_path: str | os.PathLike[str], from_ref: str | None = N
             continue
         stops.append(s)
     lines.extend(f'PARAMETER stop "{s}"' for s in stops)
+    if num_ctx is not None:
+        if isinstance(num_ctx, bool) or not isinstance(num_ctx, int) or num_ctx < 1:
+            raise KilnError(f"num_ctx {num_ctx!r}: must be a positive number of tokens")
+        if num_ctx > ctx:
+            warnings.append(f"{path.name}: num_ctx {num_ctx} capped at the model's context of {ctx}")
+        ctx = min(num_ctx, ctx)
     lines.append(f"PARAMETER num_ctx {ctx}")
 
     lic = _license_text(meta, path)
@@ -187,10 +198,11 @@ def render_modelfile(gguf_path: str | os.PathLike[str], from_ref: str | None = N
 
 
 def write_modelfile(gguf_path: str | os.PathLike[str], out_path: str | os.PathLike[str] | None = None,
-                    force: bool = False) -> pathlib.Path:
+                    force: bool = False, num_ctx: int | None = None) -> pathlib.Path:
     """Write the Modelfile (default ``<gguf dir>/Modelfile``) atomically and return its path.
 
-    ``FROM`` is made relative to the Modelfile's directory. Warnings go to the ``logging``
+    ``FROM`` is made relative to the Modelfile's directory; ``num_ctx`` as in `render_modelfile`. Warnings go
+    to the ``logging``
     module; call `render_modelfile` to get them as data. An existing file there that kiln did not
     write is kept (KilnError) unless `force`.
     """
@@ -202,7 +214,7 @@ def write_modelfile(gguf_path: str | os.PathLike[str], out_path: str | os.PathLi
         ref = rel if rel.startswith("..") or os.path.isabs(rel) else f"./{rel}"
     except ValueError:  # different drives on Windows
         ref = str(gguf_path.resolve())
-    result = render_modelfile(gguf_path, from_ref=ref.replace(os.sep, "/"))
+    result = render_modelfile(gguf_path, from_ref=ref.replace(os.sep, "/"), num_ctx=num_ctx)
     for w in result.warnings:
         log.warning("%s", w)
     with atomic_file(dest, may_replace("modelfile", force)) as tmp:

@@ -3,7 +3,8 @@
 `load(path)` opens a GGUF file or an ONNX directory with its engine (kiln.formats decides which);
 `smc` / `smc_batch` steer an open engine; `steer_prompts` is `kiln generate --particles` as one
 call (engine sizing, chat template, per-prompt seeds, the generation cache); `generate_prompts` is
-plain `kiln generate`.
+plain `kiln generate`; `answer_document` is `kiln generate --prompt-file` (long documents: `fit`, `chunk`,
+`rank` and `answer` are its pieces, kiln.runtime.document).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from kiln.formats import open_engine
+from kiln.runtime.document import (DocumentOptions, PrefillInfo, PrefillProgress, answer, answer_document, chunk,
+                                   fit, rank)
 from kiln.runtime.engine import Engine
 from kiln.runtime.generate import generate_prompts
 from kiln.runtime.smc import SMCResult, locally_constrained, smc, smc_batch
@@ -26,5 +29,6 @@ def load(path: str | Path, **options: Any) -> Engine:
     return open_engine(path, **options)
 
 
-__all__ = ["Constraints", "Engine", "SMCResult", "SteerOptions", "generate_prompts", "load", "locally_constrained",
-           "smc", "smc_batch", "steer_prompts"]
+__all__ = ["Constraints", "DocumentOptions", "Engine", "PrefillInfo", "PrefillProgress", "SMCResult", "SteerOptions",
+           "answer", "answer_document", "chunk", "fit", "generate_prompts", "load", "locally_constrained", "rank", "smc",
+           "smc_batch", "steer_prompts"]

@@ -50,8 +50,10 @@ def prompt_ids(engine: Engine, prompt: str, *, chat: bool = False, system: str |
 
 
 def generate(engine: Engine, prompt: Sequence[int], max_tokens: int = 128, temperature: float = 0.0,
-             seed: int | None = None, on_token: Callable[[int], None] | None = None) -> Generation:
-    """Greedy (temperature 0) or sampled decoding of up to `max_tokens` after `prompt`.
+             seed: int | None = None, on_token: Callable[[int], None] | None = None,
+             on_prefill: Callable[[Any], None] | None = None) -> Generation:
+    """Greedy (temperature 0) or sampled decoding of up to `max_tokens` after `prompt`. `on_prefill` gets a
+    `kiln.runtime.document.PrefillInfo` after each slice of a long prompt's prefill (tokens, tokens/s, ETA).
 
     Refused before any work: a negative (or NaN) temperature, which would otherwise decode greedily
     without a word, and a prompt plus `max_tokens` that cannot fit the engine's context (rather than
@@ -63,7 +65,12 @@ def generate(engine: Engine, prompt: Sequence[int], max_tokens: int = 128, tempe
                         f"{engine.context_text()}")
     rng = np.random.default_rng(seed)
     engine.reset()
-    logits = engine.prefill_prompt(prompt, seq=0, reserve=max_tokens)
+    if on_prefill is not None:
+        from kiln.runtime.document import prefill
+
+        logits = prefill(engine, prompt, seq=0, progress=on_prefill, reserve=max_tokens)
+    else:
+        logits = engine.prefill_prompt(prompt, seq=0, reserve=max_tokens)
     out: list[int] = []
     stopped = "length"
     for _ in range(max_tokens):
@@ -83,26 +90,56 @@ def generate(engine: Engine, prompt: Sequence[int], max_tokens: int = 128, tempe
     return Generation(engine.detokenize(out), out, len(prompt), stopped)
 
 
+SMALL_CONTEXT = 4096  # up to this many cells an engine is sized from the prompt's byte bound, without tokenizing first
+
+
 def generate_prompts(artifact: str | Path, prompts: Sequence[str], *, chat: bool = False, system: str | None = None,
                      thinking: bool | None = None, max_tokens: int = 128, temperature: float = 0.0, seed: int | None = None,
                      threads: int | None = None, n_ctx: int | None = None,
                      on_prompt: Callable[[int], None] | None = None,
-                     on_token: Callable[[int, str], None] | None = None) -> list[dict[str, Any]]:
+                     on_token: Callable[[int, str], None] | None = None,
+                     on_prefill: Callable[[Any], None] | None = None,
+                     memory_check: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Plain generation (greedy, or sampled at `temperature`) for each prompt in turn with one engine:
     what `kiln generate` does without SMC. Returns one `Generation.to_json()` per prompt.
 
-    The artifact is opened with `n_ctx` (default 4096) and `threads`; every prompt uses the same
-    `seed`. `on_prompt(i)` is called before prompt i is tokenized, `on_token(i, text)` with each
-    generated token's text as it comes (a streaming display)."""
+    The artifact is opened with the context the prompts need: the longest prompt's tokens + `max_tokens`
+    (from its byte count when that is small; otherwise the prompts are tokenized first with a small engine),
+    within the artifact's window; `n_ctx` overrides it. `memory_check(n_ctx, n_seq_max)` runs before the
+    context is allocated (it raises a one-line KilnError when the machine cannot hold it; kiln's CLI builds one
+    from the cost model of `kiln plan`). Every prompt uses the same `seed`. `on_prompt(i)` is called before
+    prompt i is tokenized, `on_token(i, text)` with each generated token's text as it comes (a streaming
+    display), `on_prefill(PrefillInfo)` during a long prompt's prefill."""
+    from kiln.runtime.steering import prompt_bound
+
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     path = Path(artifact)
+    fmt = require_format(path)
+    ids: list[list[int]] | None = None
+    sized = not n_ctx
+    if not n_ctx:
+        n_ctx = max((prompt_bound(p, chat, system) for p in prompts), default=0) + max_tokens
+        if n_ctx > SMALL_CONTEXT:  # tokenize first: the byte bound may overstate a long prompt several times
+            with fmt.open_engine(path, n_ctx=256, threads=threads) as small:
+                ids = [prompt_ids(small, p, chat=chat, system=system, thinking=thinking) for p in prompts]
+                window = small.context_length
+            n_ctx = max(len(x) for x in ids) + max_tokens
+            if n_ctx > window:
+                raise KilnError(f"prompt of {n_ctx - max_tokens} tokens (+ {max_tokens} to generate) exceeds the "
+                                f"artifact's context of {window}")
+    if memory_check is not None:
+        memory_check(n_ctx, 1)
     outs = []
-    with require_format(path).open_engine(path, n_ctx=n_ctx or 4096, threads=threads) as engine:
+    with fmt.open_engine(path, n_ctx=n_ctx, threads=threads) as engine:
         for i, prompt in enumerate(prompts):
             if on_prompt is not None:
                 on_prompt(i)
-            ids = prompt_ids(engine, prompt, chat=chat, system=system, thinking=thinking)
+            tokens = ids[i] if ids is not None else prompt_ids(engine, prompt, chat=chat, system=system,
+                                                                 thinking=thinking)
+            if sized and len(tokens) + max_tokens > engine.context_length:  # sized past the window from a bound
+                raise KilnError(f"prompt of {len(tokens)} tokens (+ {max_tokens} to generate) exceeds the "
+                                f"artifact's context of {engine.context_length}")
             stream = None if on_token is None else (lambda t, i=i: on_token(i, engine.detokenize([t])))
-            outs.append(generate(engine, ids, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                 on_token=stream).to_json())
+            outs.append(generate(engine, tokens, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                 on_token=stream, on_prefill=on_prefill).to_json())
     return outs

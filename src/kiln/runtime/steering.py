@@ -202,7 +202,8 @@ def prompt_bound(prompt: str, chat: bool = False, system: str | None = None) -> 
 def steer_prompts(artifact: str | Path, prompts: str | Sequence[str], options: SteerOptions,
                   constraints: Constraints | None = None, *, chat: bool = False, system: str | None = None,
                   thinking: bool | None = None, threads: int | None = None, n_ctx: int | None = None, use_cache: bool = True,
-                  on_step: Callable[[StepInfo], Any] | None = None) -> list[dict[str, Any]]:
+                  on_step: Callable[[StepInfo], Any] | None = None,
+                  memory_check: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """SMC steering of the artifact at `artifact` (a .gguf file or an ONNX directory) for one or
     several text prompts: what `kiln generate --particles N` does, as one call.
 
@@ -215,6 +216,8 @@ def steer_prompts(artifact: str | Path, prompts: str | Sequence[str], options: S
       whether this result came from there. Several run together through `steer_batch` (never cached);
       prompt i's population and draw are seeded with `population_rng(seed, i)`.
     * `on_step` gets every SMC step's `StepInfo` (`.prompt` says which prompt's population).
+    * `memory_check(n_ctx, n_seq_max)` runs before the engine is opened (a one-line KilnError when the
+      machine cannot hold that context; kiln's CLI builds it from `kiln plan`'s cost model).
 
     Returns one dict per prompt, in order, as `kiln generate --json` prints it: `result_json`'s
     keys (log_ml, posterior, particles, ess_trace, ...) plus `sample` (one posterior draw's text, or
@@ -230,6 +233,8 @@ def steer_prompts(artifact: str | Path, prompts: str | Sequence[str], options: S
     sizes = fmt.engine_sizes([prompt_bound(p, chat, system) for p in texts], options.particles, options.max_tokens)
     if n_ctx:
         sizes["n_ctx"] = n_ctx
+    if memory_check is not None:
+        memory_check(sizes["n_ctx"], sizes["n_seq_max"])
     with fmt.open_engine(path, threads=threads, **sizes) as engine:
         ids = [prompt_ids(engine, p, chat=chat, system=system, thinking=thinking) for p in texts]
         if len(ids) == 1:
