@@ -68,6 +68,8 @@ bench: fixtures
 	$(PY) bench/quality.py
 	$(PY) bench/smc.py
 	$(PY) bench/contexts.py   # docs/benchmarks.md: kiln bench across contexts (about an hour)
+	$(PY) bench/serve.py      # docs/benchmarks.md's Serving section (after contexts.py, which rewrites the file)
+	$(PY) bench/longctx.py   # docs/long-context.md's long-range quality table (hours: cached, resumable)
 
 clean:
 	rm -rf out bench/results .pytest_cache

@@ -716,10 +716,20 @@ class SMCTask(Task):
                  temperature: float = 1.0, seed: int | None = None, timeout: float | None = None,
                  on_step: Callable[[StepInfo], Any] | None = None, weighted: bool = True) -> None:
         props, crits = _as_list(proposal, "proposal"), _as_list(critics, "critics")
-        self._pieces: dict[int, bytes] = {}
+        pieces: dict[int, bytes] = {}
+
+        def text_of(tokens: Sequence[int]) -> str:  # a closure, not a bound method: no task <-> population cycle
+            parts = []
+            for t in tokens:
+                b = pieces.get(t)
+                if b is None:
+                    b = pieces[t] = engine.token_bytes(t)
+                parts.append(b)
+            return b"".join(parts).decode("utf-8", errors="replace")
+
         self.pop = _Population(engine, 0, prompt_ids, int(n_particles), props, crits, float(ess_threshold),
                                int(max_tokens), resampling, float(temperature), population_rng(seed, 0), weighted,
-                               self._text_of)
+                               text_of)
         self.engine = engine
         self.prompt = self.pop.prompt
         self.rows = self.pop.n
@@ -729,15 +739,6 @@ class SMCTask(Task):
         self._pending = None
         for p in (*props, *crits):
             p.set_prompt(self.prompt)
-
-    def _text_of(self, tokens: Sequence[int]) -> str:
-        parts = []
-        for t in tokens:
-            b = self._pieces.get(t)
-            if b is None:
-                b = self._pieces[t] = self.engine.token_bytes(t)
-            parts.append(b)
-        return b"".join(parts).decode("utf-8", errors="replace")
 
     @property
     def result(self) -> SMCResult:
