@@ -23,7 +23,7 @@ LAYER_OF = {
     "runtime": "runtime", "formats": "runtime",
     "serve": "apps", "chat": "apps",
     "verify": "verify",
-    **dict.fromkeys(("pipeline", "evaluate", "inspect_artifact", "bench", "fixtures"), "tools"),
+    **dict.fromkeys(("pipeline", "evaluate", "longeval", "inspect_artifact", "bench", "fixtures"), "tools"),
     "cli_common": "cli-support",
     "recipe": "recipe",
     "cli": "cli",

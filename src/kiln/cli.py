@@ -387,6 +387,69 @@ def eval_cmd(reference: Path, candidates: tuple[Path, ...], text_file: Path | No
         click.echo(markdown(rows, ctx))
 
 
+@cli.command("longeval")
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--lengths", help="Context lengths in tokens, comma-separated (default: each artifact's window).")
+@click.option("--depths", default="0.1,0.3,0.5,0.7,0.9", show_default=True, help="Passkey depths (fractions).")
+@click.option("--chunks", type=int, default=1, show_default=True, help="Chunks of the text per length (NLL).")
+@click.option("--trials", type=int, default=1, show_default=True, help="Passkey keys per (length, depth).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--baseline", type=click.Path(path_type=Path),
+              help="The unscaled model: scored over the same tokens in pieces of its own window (truncation).")
+@click.option("--text", "text_file", type=click.Path(path_type=Path),
+              help="Long text (default: CPython's language reference, pydoc_data.topics, in sorted order).")
+@click.option("--no-retrieval", is_flag=True, help="NLL by position only.")
+@click.option("--no-perplexity", is_flag=True, help="Passkey retrieval only.")
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path),
+              help="Write longeval.json, longeval.md, nll_by_position.png, passkey_heatmap.png here.")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path),
+              help="Cell cache for resuming (default: OUT/cache with -o, else none).")
+@click.option("--force", is_flag=True, help="Replace output files of these names that kiln did not write.")
+@click.option("--threads", type=int, default=0)
+@click.option("--json", "as_json", is_flag=True)
+def longeval_cmd(artifacts: tuple[Path, ...], lengths: str | None, depths: str, chunks: int, trials: int, seed: int,
+                 baseline: Path | None, text_file: Path | None, no_retrieval: bool, no_perplexity: bool,
+                 out: Path | None, cache_dir: Path | None, force: bool, threads: int, as_json: bool) -> None:
+    """Long-range quality of ARTIFACTS: NLL by position and passkey retrieval (depth x length).
+
+    Any mix of HF checkpoint directories, .gguf files and ONNX directories. Each length is one long
+    forward per chunk (not sliding windows); every (artifact, length, depth) cell is cached, so an
+    interrupted run resumes. A length beyond an artifact's advertised window is refused.
+
+    \b
+    Examples:
+      kiln longeval out/smol.q8_0.gguf out/smol-16k.q8_0.gguf --lengths 4096,8192,16384 -o out/long
+      kiln longeval out/smol-16k.q8_0.gguf --baseline out/smol.q8_0.gguf --lengths 16384 --no-retrieval
+      kiln longeval out/smol-int4 --lengths 1024 --depths 0.1,0.5,0.9 --threads 1 --json
+    """
+    from kiln.longeval import file_text_record, long_eval, markdown, parse_depths, parse_lengths, write_outputs
+
+    if no_retrieval and no_perplexity:
+        raise KilnError("--no-retrieval and --no-perplexity together leave nothing to measure")
+    text, info = file_text_record(text_file) if text_file is not None else (None, None)
+    if cache_dir is None and out is not None:
+        cache_dir = out / "cache"
+    console = stderr_console() if not as_json else None
+    live = console is not None and console.is_interactive
+
+    def update(info_) -> None:
+        if live:
+            console.print(info_.text(), end="\r", soft_wrap=True, highlight=False)
+
+    result = long_eval(artifacts, parse_lengths(lengths) if lengths else None, depths=parse_depths(depths),
+                       chunks=chunks, trials=trials, seed=seed, text=text, text_info=info, baseline=baseline,
+                       retrieval=not no_retrieval, perplexity=not no_perplexity, cache_dir=cache_dir,
+                       threads=threads or None, progress=update)
+    if live:
+        console.print(" " * 100, end="\r")
+    if out is not None:
+        write_outputs(result, out, force=force)
+    if as_json:
+        emit_json({k: v for k, v in result.items()})
+    else:
+        click.echo(markdown(result))
+
+
 @cli.command("imatrix")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("--calib", type=click.Path(path_type=Path),

@@ -209,6 +209,14 @@ class _Gpt2Source(_Source):
         return {"transformers": Gpt2Reference, "arbor": ArborReference}[self.family.reference](self.model)
 
 
+def _rope_findings(source: Any, rope: RopeSettings | None) -> list[str]:
+    """Warnings for a rope setting that bench/longctx.py measured harmful on this family (kiln/data/rope_findings.json)."""
+    from kiln.longeval import rope_warnings
+
+    spec = getattr(getattr(source, "ckpt", None), "spec", None)
+    return rope_warnings(getattr(spec, "family", "") or "", rope)
+
+
 def _refuse_early(src: str | Path, *, rope: bool, precision: str | None = None) -> type | None:
     """The source's family (None: left to the decoder reader), after refusing the options it cannot honour,
     before anything is read (reading a pickle or a large checkpoint first would make the user wait for a
@@ -273,7 +281,7 @@ def export_gguf_artifact(
     qtype = quant_type(quant or source.default_quant)
     rope = source.rope(rope_scaling, original_context, context, allow_shorter_context)
     imatrix_path = Path(imatrix) if imatrix else None
-    warnings: list[str] = []
+    warnings: list[str] = _rope_findings(source, rope)
     stats = source.write_gguf(out, qtype, rope, imatrix_path, threads, progress, warnings, force)
     mf = write_modelfile_for(out, source.license_dir, warnings, force=force, num_ctx=num_ctx) if modelfile else None
     record = {
@@ -422,7 +430,7 @@ def export_onnx_artifact(
 
         if verify:
             _verified(record, check, progress)
-        warnings = source.onnx_warnings()
+        warnings = source.onnx_warnings() + _rope_findings(source, rope)
         record.update({"files": [file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()], "warnings": warnings})
         write_manifest_file(tmp / ONNX_MANIFEST, record)
     _raise_if_failed(record, out, out / ONNX_MANIFEST)
