@@ -386,8 +386,24 @@ def write_docs(reports: dict[str, dict], out: Path) -> None:
         parts += [f"Raw figures: [`{rel.name}/{name}.json`]({rel.name}/{name}.json).", ""]
     if not planned:
         parts += plan_section(measured=None)
+    parts += kept_sections(out.parent / "benchmarks.md")
     with atomic_file(out.parent / "benchmarks.md") as tmp:
         tmp.write_text("\n".join(parts))
+
+
+# Sections of docs/benchmarks.md that other bench scripts write (bench/serve.py): kept as they are.
+OTHER_SECTIONS = ("## Serving",)
+
+
+def kept_sections(path: Path) -> list[str]:
+    """The lines of the sections other scripts own, from the current file (to put back after a rewrite)."""
+    old = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    kept: list[str] = []
+    for i, line in enumerate(old):
+        if line.strip() in OTHER_SECTIONS:
+            end = next((j for j in range(i + 1, len(old)) if old[j].startswith("## ")), len(old))
+            kept += old[i:end]
+    return kept + ([""] if kept and kept[-1].strip() else [])
 
 
 if __name__ == "__main__":
