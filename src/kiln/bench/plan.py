@@ -143,41 +143,39 @@ def _largest_context(geo: Geometry, budget: int, kw: dict[str, Any], limit: int)
     return max(64, lo // 256 * 256 or lo)
 
 
-def available_memory() -> int | None:
-    """Bytes this process may still use: MemAvailable, or less where a cgroup limit says so."""
-    avail = None
+def _meminfo(key: str) -> int | None:
+    """A /proc/meminfo figure in bytes (None where there is none)."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def _cgroup(name: str) -> int | None:
+    """A cgroup v2 memory figure in bytes (memory.max, memory.current), None where unlimited or absent."""
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-            room = int(limit) - used
-            avail = room if avail is None else min(avail, room)
+        text = Path("/sys/fs/cgroup", name).read_text().strip()
+        return None if text == "max" else int(text)
     except (OSError, ValueError):
-        pass
+        return None
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still use: MemAvailable, or less where a cgroup limit says so."""
+    avail, limit, used = _meminfo("MemAvailable"), _cgroup("memory.max"), _cgroup("memory.current")
+    if limit is not None and used is not None:
+        avail = limit - used if avail is None else min(avail, limit - used)
     return avail
 
 
 def total_memory() -> int | None:
     """Bytes of this machine's memory (MemTotal, or a smaller cgroup limit)."""
-    total = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                total = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            total = int(limit) if total is None else min(total, int(limit))
-    except (OSError, ValueError):
-        pass
+    total, limit = _meminfo("MemTotal"), _cgroup("memory.max")
+    if limit is not None:
+        total = limit if total is None else min(total, limit)
     return total
 
 

@@ -557,23 +557,29 @@ def population_rng(seed: int | None, i: int) -> np.random.Generator:
     return np.random.default_rng(seed if i == 0 or seed is None else [int(seed), i])
 
 
+def _text_reader(engine: Engine) -> Callable[[Sequence[int]], str]:
+    """Tokens -> text, with each token's bytes fetched from the engine once."""
+    pieces: dict[int, bytes] = {}
+
+    def text_of(tokens: Sequence[int]) -> str:
+        parts = []
+        for t in tokens:
+            b = pieces.get(t)
+            if b is None:
+                b = pieces[t] = engine.token_bytes(t)
+            parts.append(b)
+        return b"".join(parts).decode("utf-8", errors="replace")
+
+    return text_of
+
+
 def _run(engine: Engine, prompts: Sequence[Sequence[int]], n: int, proposal, critics, ess_threshold: float,
          max_tokens: int, resampling: str, temperature: float, seed, timeout: float | None,
          on_step: Callable[[StepInfo], Any] | None, weighted: bool, overlap: bool = True) -> list[SMCResult]:
     """SMC over one population per prompt; every step runs ONE engine.step over all populations'
     live prefixes (population i holds sequences i·n .. i·n + n − 1)."""
     t0 = time.perf_counter()
-    piece_cache: dict[int, bytes] = {}
-
-    def text_of(tokens: Sequence[int]) -> str:
-        parts = []
-        for t in tokens:
-            b = piece_cache.get(t)
-            if b is None:
-                b = piece_cache[t] = engine.token_bytes(t)
-            parts.append(b)
-        return b"".join(parts).decode("utf-8", errors="replace")
-
+    text_of = _text_reader(engine)
     pops: list[_Population] = []
     for i, prompt in enumerate(prompts):
         props = _resolve_potentials(proposal, i, "proposal")
@@ -716,17 +722,7 @@ class SMCTask(Task):
                  temperature: float = 1.0, seed: int | None = None, timeout: float | None = None,
                  on_step: Callable[[StepInfo], Any] | None = None, weighted: bool = True) -> None:
         props, crits = _as_list(proposal, "proposal"), _as_list(critics, "critics")
-        pieces: dict[int, bytes] = {}
-
-        def text_of(tokens: Sequence[int]) -> str:  # a closure, not a bound method: no task <-> population cycle
-            parts = []
-            for t in tokens:
-                b = pieces.get(t)
-                if b is None:
-                    b = pieces[t] = engine.token_bytes(t)
-                parts.append(b)
-            return b"".join(parts).decode("utf-8", errors="replace")
-
+        text_of = _text_reader(engine)  # a closure, not a bound method: no task <-> population reference cycle
         self.pop = _Population(engine, 0, prompt_ids, int(n_particles), props, crits, float(ess_threshold),
                                int(max_tokens), resampling, float(temperature), population_rng(seed, 0), weighted,
                                text_of)
