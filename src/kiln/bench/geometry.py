@@ -14,6 +14,7 @@ from typing import Any
 
 from kiln.errors import KilnError
 from kiln.formats import ONNX, by_name, format_of
+from kiln.jsonfile import read_json_object
 
 # Bytes per element of llama.cpp's KV-cache types (block types: block bytes / block elements).
 KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
@@ -137,7 +138,10 @@ def _gguf(path: Path) -> Geometry:
 def _onnx(path: Path) -> Geometry:
     config = ONNX.config_path(path)
     try:
-        cfg = json.loads(config.read_text(encoding="utf-8"))
+        cfg = read_json_object(config)  # the engine's own message for a file that is not JSON
+    except FileNotFoundError:
+        raise KilnError(f"{config}: missing (not an ONNX model directory written by kiln or onnxruntime-genai)") from None
+    try:
         model, dec = cfg["model"], cfg["model"]["decoder"]
         n_layers, n_kv = int(dec["num_hidden_layers"]), int(dec["num_key_value_heads"])
         head_dim, n_heads = int(dec["head_size"]), int(dec["num_attention_heads"])
