@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml scripts/build-llama-wheel.sh
 	$(PY) -m pip install -q torch==2.13.0   # the CPU wheel on this machine's disk (DESIGN.md §2)
 	scripts/build-llama-wheel.sh $(PY) $(KILN_CACHE)/wheels $(LLAMA_VERSION)
 	$(PY) -m pip install -q $$(ls $(KILN_CACHE)/wheels/llama-cpp-python-*/llama_cpp_python-$(LLAMA_VERSION)-*.whl | head -1)
-	$(PY) -m pip install -q -e '.[torch,llama,onnx,dev,serve]'
+	$(PY) -m pip install -q -e '.[torch,llama,onnx,dev,serve,ray]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -57,7 +57,7 @@ recipe: fixtures
 	$(KILN) recipe run $(R)
 
 test: fixtures go-toolchain
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # The `bench` extra first (sentencepiece: bench/convert.py runs llama.cpp's convert_hf_to_gguf.py, which
 # imports it); llama-cpp-python is already installed from the wheel `setup` built, so nothing compiles.
@@ -68,7 +68,7 @@ bench: fixtures
 	$(PY) bench/quality.py
 	$(PY) bench/smc.py
 	$(PY) bench/contexts.py   # docs/benchmarks.md: kiln bench across contexts (about an hour)
-	$(PY) bench/serve.py      # docs/benchmarks.md's Serving section (after contexts.py, which rewrites the file)
+	$(PY) bench/serve.py      # docs/benchmarks.md's Serving section (contexts.py keeps it when it rewrites the file)
 	$(PY) bench/longctx.py   # docs/long-context.md's long-range quality table (hours: cached, resumable)
 
 clean:

@@ -151,6 +151,7 @@ class Recipe(Strict):
     bench: Bench = Bench()
     verify: bool = True  # every export checks its logits against its source
     threads: int = Field(default=0, ge=0)  # for quantizing, verifying and evaluating (0: all)
+    executor: Literal["local", "ray"] | None = None  # how `kiln recipe run` runs it (--executor overrides)
     output: str
 
     @field_validator("name")
