@@ -69,7 +69,8 @@ bench: fixtures
 	$(PY) bench/smc.py
 	$(PY) bench/contexts.py   # docs/benchmarks.md: kiln bench across contexts (about an hour)
 	$(PY) bench/serve.py      # docs/benchmarks.md's Serving section (contexts.py keeps it when it rewrites the file)
-	$(PY) bench/longctx.py   # docs/long-context.md's long-range quality table (hours: cached, resumable)
+	$(PY) bench/longctx.py --budget 180   # docs/long-context.md: what is missing of the long-range table (committed cells)
+	$(PY) bench/longanswer.py --budget 120   # docs/long-context.md: chunk+rank vs truncate vs rope on 2x/4x/8x documents
 
 clean:
 	rm -rf out bench/results .pytest_cache

@@ -6,19 +6,27 @@ API for every rope SETTING (none, linear:2, yarn:2 → 16K, linear:4, yarn:4 →
 every QUANT (f16, q8_0, q4_k_m GGUF, int4 ONNX), cached under $KILN_CACHE/bench-artifacts. Each artifact is then
 measured by `kiln.longeval.long_eval` (NLL by position from one long forward at its window, passkey retrieval
 at the given depths and lengths), with the unscaled artifact of the same quantization as the truncation
-baseline. Every (artifact, length, depth) cell is cached under OUT/cache: an interrupted run resumes.
+baseline. Every (artifact, length, depth) cell is one JSON file under CELLS (default docs/long-context/cells,
+committed), keyed by the artifact's content hash: exports are deterministic, so a cell measured in one sitting
+is found again in the next on another machine, and a changed exporter or engine setting measures again. The
+NLL cells of every artifact run first (all quantizations), then the passkey cells; `--budget MINUTES` starts
+no cell after that many minutes, so the grid is filled in sittings and each one's cells are committed.
 
-Writes OUT/longeval.{json,md}, OUT/nll_by_position.png, OUT/passkey_heatmap.png, the section between the
-markers in docs/long-context.md and, on a full run only (the default grid), src/kiln/data/rope_findings.json:
-a setting is recorded as harmful when every quantization measured with it scored a higher mean NLL over its
-window than the unscaled model truncated to 8K over the same tokens (`kiln export` then warns).
+Writes docs/long-context/longeval.{json,md}, nll_by_position.png, passkey_heatmap.png, the section between the
+markers in docs/long-context.md (saying how many cells are still missing) and, once the default grid is
+complete, src/kiln/data/rope_findings.json: a setting is recorded as harmful when every quantization measured
+with it scored a higher mean NLL over its window than the unscaled model truncated to 8K over the same tokens
+(`kiln export` then warns).
 
-Cost (2 cores): an 8K prefill of SmolLM2 takes about 40 s in llama.cpp, a 32K one several minutes; the default
-grid (20 artifacts; NLL at each window; passkey at 0.1/0.5/0.9 at each window) takes hours. `make bench` runs it.
+Cost (2 cores, llama.cpp with flash attention, measured): one forward with every position's logits takes
+about 75 s at 8K, 245 s at 16K and about 15 min at 32K for the GGUF files, half that for int4 ONNX; the NLL
+cells of the default grid take about 2.5 hours and the passkey cells (three per artifact, at its window)
+about three times that. `make bench` runs what is missing with `--budget 180`.
 
     .venv/bin/python bench/longctx.py                                         # the full grid (hours)
     .venv/bin/python bench/longctx.py --settings none --quants q8_0 --lengths 512,1024 --depths 0.1,0.9 \\
-        --threads 1 -o /tmp/longctx-smoke --smoke                             # a smoke run (minutes)
+        --threads 1 -o /tmp/longctx-smoke --cells /tmp/longctx-smoke/cells --smoke   # a smoke run (minutes)
+    .venv/bin/python bench/longctx.py --budget 90 --only-measured             # a sitting: what is missing
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ SETTINGS = ("none", "linear:2", "yarn:2", "linear:4", "yarn:4")
 QUANTS = ("f16", "q8_0", "q4_k_m", "int4")
 NATIVE = 8192
 BEGIN, END = "<!-- longctx:begin -->", "<!-- longctx:end -->"
+ORDER = ("q8_0", "int4", "q4_k_m", "f16")  # the sittings fill the most used quantizations first
+DOCS = REPO / "docs" / "long-context"
 
 
 def cache() -> Path:
@@ -87,15 +97,21 @@ def main() -> None:
     ap.add_argument("--depths", default="0.1,0.5,0.9")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-verify", action="store_true", help="export without the parity check")
+    ap.add_argument("--exact", action="store_true", help="the engines' verification settings (llama.cpp: no flash "
+                    "attention, f32 KV): slower, cells of their own")
+    ap.add_argument("--budget", type=float, help="start no cell after this many minutes (default: no limit)")
     ap.add_argument("--smoke", action="store_true",
                     help="a smoke run: writes OUT only, neither docs/long-context.md nor the findings file")
-    ap.add_argument("-o", "--out", type=Path, default=REPO / "bench" / "results" / "longctx")
+    ap.add_argument("--cells", type=Path, default=DOCS / "cells", help="the cell cache (default: the committed one)")
+    ap.add_argument("-o", "--out", type=Path, default=DOCS)
     args = ap.parse_args()
+    deadline = time.monotonic() + 60 * args.budget if args.budget else None
 
     from kiln.fixtures import build
 
     src = build("smollm2-135m", progress=False)
-    settings, quants = args.settings.split(","), args.quants.split(",")
+    settings = args.settings.split(",")
+    quants = sorted(args.quants.split(","), key=lambda q: ORDER.index(q) if q in ORDER else len(ORDER))
     lengths = L.parse_lengths(args.lengths) if args.lengths else None
     depths = L.parse_depths(args.depths)
     arts = {(s, q): artifact(src, s, q, not args.no_verify) for s in settings for q in quants}
@@ -106,38 +122,50 @@ def main() -> None:
     t0 = time.monotonic()
     results: dict[tuple[str, str], dict] = {}
     merged: dict | None = None
-    for q in quants:  # one run per quantization: its unscaled artifact is the truncation baseline
-        group = [(s, arts[(s, q)]) for s in settings]
-        base = arts.get(("none", q)) if any(s != "none" for s in settings) else None
-        res = L.long_eval([p for _, p in group], lengths, depths=depths, baseline=base, cache_dir=args.out / "cache",
-                          threads=args.threads, progress=show)
-        for (s, _), row in zip(group, res["rows"]):
-            results[(s, q)] = row
-        if merged is None:
-            merged = res
-        else:
-            merged["rows"] += res["rows"]
-            merged["cells"] += res["cells"]
-            merged["cells_cached"] += res["cells_cached"]
+    # NLL of every artifact first, then the passkeys; the last pass only gathers (every cell cached or missing)
+    for phase in ({"retrieval": False}, {"perplexity": False}, {}):
+        merged = None
+        for q in quants:  # one run per quantization: its unscaled artifact is the truncation baseline
+            group = [(s, arts[(s, q)]) for s in settings]
+            base = arts.get(("none", q)) if any(s != "none" for s in settings) else None
+            res = L.long_eval([p for _, p in group], lengths, depths=depths, baseline=base, cache_dir=args.cells,
+                              threads=args.threads, progress=show, exact=args.exact,
+                              deadline=deadline if phase else time.monotonic() - 1, **phase)
+            for (s, _), row in zip(group, res["rows"]):
+                results[(s, q)] = row
+            if merged is None:
+                merged = res
+            else:
+                merged["rows"] += res["rows"]
+                for k in ("cells", "cells_cached", "cells_missing"):
+                    merged[k] += res[k]
     print(file=sys.stderr)
     merged["machine"] = {"cores": os.cpu_count(), "threads": args.threads}
     merged["seconds"] = round(time.monotonic() - t0, 1)
-    L.write_outputs(merged, args.out)
+    quant_of = {Path(path).name: q for (_, q), path in arts.items()}
+    L.write_outputs(merged, args.out, panel_of=lambda name: quant_of.get(name, ""))
     md = L.markdown(merged)
     print(md)
+    missing = merged["cells_missing"]
+    print(f"{merged['cells']} cells measured, {missing} missing", file=sys.stderr)
     if args.smoke:
         return
+    rel = os.path.relpath(args.out, REPO / "docs")
+    todo = (f"**{missing} of {merged['cells'] + missing} cells are not measured yet** (`bench/longctx.py --budget "
+            f"MINUTES` measures the missing ones, NLL first); the rows below are those measured so far.\n\n"
+            if missing else "")
     section = (f"{BEGIN}\n_Produced by `bench/longctx.py` (`make bench`) on {os.cpu_count()} cores, {args.threads} "
-               f"thread(s), {merged['seconds']:.0f} s; truncation baseline: the unscaled artifact of the same "
-               f"quantization in pieces of {NATIVE} tokens._\n\n{md}\n"
-               f"![NLL by position](../bench/results/longctx/nll_by_position.png)\n"
-               f"![passkey](../bench/results/longctx/passkey_heatmap.png)\n{END}")
+               f"thread(s), engine path: {merged['engine']}; truncation baseline: the unscaled artifact of the "
+               f"same quantization in pieces of {NATIVE} tokens. Cells in `{os.path.relpath(args.cells, REPO)}`; "
+               f"raw figures in `{rel}/longeval.json`._\n\n{todo}{md}\n"
+               f"![NLL by position]({rel}/nll_by_position.png)\n"
+               f"![passkey]({rel}/passkey_heatmap.png)\n{END}")
     doc = REPO / "docs" / "long-context.md"
     text = doc.read_text()
     if BEGIN in text and END in text:
         text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
         doc.write_text(text)
-    full = set(settings) == set(SETTINGS) and set(quants) == set(QUANTS) and lengths is None
+    full = set(settings) == set(SETTINGS) and set(quants) == set(QUANTS) and lengths is None and not missing
     if full:
         (REPO / "src" / "kiln" / "data" / "rope_findings.json").write_text(json.dumps(
             {"source": "bench/longctx.py", "findings": findings(results)}, indent=1, sort_keys=True) + "\n")

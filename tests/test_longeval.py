@@ -26,10 +26,14 @@ def test_buckets_add_up() -> None:
         edges = L.bucket_edges(n)
         assert edges[0] == 0 and edges[-1] == n and edges == sorted(set(edges))
         nll = np.random.default_rng(n).random(n - 1)
-        buckets = L._buckets(nll, n, edges[1])
+        buckets = L._buckets(L.block_sums(nll), n, edges[1])  # a cell keeps block sums, not every position
         assert sum(b["tokens"] for b in buckets) == n - 1
         weighted = sum(b["nll"] * b["tokens"] for b in buckets) / (n - 1)
         assert weighted == pytest.approx(nll.mean())
+        for b in buckets:  # exact: position j+1's NLL is nll[j]
+            assert b["nll"] == pytest.approx(nll[max(b["lo"] - 1, 0):b["hi"] - 1].mean())
+    for n in (17, 100, 1000):
+        assert L.block_counts(n).sum() == n - 1
     assert L.bucket_edges(32768)[:4] == [0, 1024, 2048, 4096]
 
 
@@ -55,7 +59,7 @@ def test_grid_resumes_from_cache_and_writes_outputs(tiny_llama_dir: Path, tmp_pa
     first = L.long_eval([tiny_llama_dir], [256, 384], **kw)
     assert first["cells"] == 6 and first["cells_cached"] == 0  # 2 NLL + 2 x 2 passkey cells
     entry = first["rows"][0]["lengths"][1]
-    assert entry["length"] == 384 and len(entry["nll"]) == 383
+    assert entry["length"] == 384 and len(entry["curve"]) == 24  # blocks of 16 positions
     assert sum(b["tokens"] for b in entry["buckets"]) == 383
     assert {p["depth"] for p in entry["passkey"]} == {0.1, 0.9}
     again = L.long_eval([tiny_llama_dir], [256, 384], **kw)
@@ -139,3 +143,32 @@ def test_export_warns_on_a_setting_measured_harmful(tiny_llama_dir: Path, tmp_pa
     assert any("measured harmful" in w and "a test's own data" in w for w in res.warnings), res.warnings
     res = export_gguf_artifact(tiny_llama_dir, tmp_path / "u.gguf", "f32", verify=False, rope_scaling="yarn:2")
     assert not any("measured harmful" in w for w in res.warnings)
+
+
+def test_cells_follow_the_artifact_content_and_engine_path(tiny_qwen2_f32_gguf: Path, tmp_path: Path) -> None:
+    """A copy of an artifact elsewhere finds its cells (keys are content hashes, so committed cells serve
+    another machine); the exact and fast engine paths keep cells of their own and agree on bucket means."""
+    cache = tmp_path / "cache"
+    kw = dict(retrieval=False, cache_dir=cache, threads=1)
+    fast = L.long_eval([tiny_qwen2_f32_gguf], [256], **kw)
+    copy = tmp_path / "elsewhere" / tiny_qwen2_f32_gguf.name
+    copy.parent.mkdir()
+    copy.write_bytes(tiny_qwen2_f32_gguf.read_bytes())
+    again = L.long_eval([copy], [256], **kw)
+    assert again["cells_cached"] == 1 and again["rows"][0]["lengths"] == fast["rows"][0]["lengths"]
+    exact = L.long_eval([tiny_qwen2_f32_gguf], [256], exact=True, **kw)
+    assert exact["cells_cached"] == 0 and exact["engine"] == "exact" and fast["engine"] == "fast"
+    for a, b in zip(fast["rows"][0]["lengths"][0]["buckets"], exact["rows"][0]["lengths"][0]["buckets"]):
+        assert abs(a["nll"] - b["nll"]) < 0.01
+
+
+def test_deadline_leaves_cells_missing_not_wrong(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A sitting that runs out of time measures nothing more; the result counts what is missing and shows
+    only measured rows (bench/longctx.py fills the grid over several sittings)."""
+    import time
+
+    res = L.long_eval([tiny_llama_dir], [256], depths=[0.5], cache_dir=tmp_path / "c", threads=1,
+                      deadline=time.monotonic() - 1)
+    assert res["cells"] == 0 and res["cells_missing"] == 2
+    assert "buckets" not in res["rows"][0]["lengths"][0] and "passkey" not in res["rows"][0]["lengths"][0]
+    L.markdown(res)  # renders without the missing cells

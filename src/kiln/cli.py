@@ -405,11 +405,15 @@ def eval_cmd(reference: Path, candidates: tuple[Path, ...], text_file: Path | No
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path),
               help="Cell cache for resuming (default: OUT/cache with -o, else none).")
 @click.option("--force", is_flag=True, help="Replace output files of these names that kiln did not write.")
+@click.option("--exact", is_flag=True,
+              help="The engines' verification settings (llama.cpp: flash attention off, f32 KV) instead of the "
+                   "fast ones users run: about 1.8x slower at 16K; bucket means agree within 0.002 nats.")
 @click.option("--threads", type=int, default=0)
 @click.option("--json", "as_json", is_flag=True)
 def longeval_cmd(artifacts: tuple[Path, ...], lengths: str | None, depths: str, chunks: int, trials: int, seed: int,
                  baseline: Path | None, text_file: Path | None, no_retrieval: bool, no_perplexity: bool,
-                 out: Path | None, cache_dir: Path | None, force: bool, threads: int, as_json: bool) -> None:
+                 out: Path | None, cache_dir: Path | None, force: bool, exact: bool, threads: int,
+                 as_json: bool) -> None:
     """Long-range quality of ARTIFACTS: NLL by position and passkey retrieval (depth x length).
 
     Any mix of HF checkpoint directories, .gguf files and ONNX directories. Each length is one long
@@ -439,7 +443,7 @@ def longeval_cmd(artifacts: tuple[Path, ...], lengths: str | None, depths: str, 
     result = long_eval(artifacts, parse_lengths(lengths) if lengths else None, depths=parse_depths(depths),
                        chunks=chunks, trials=trials, seed=seed, text=text, text_info=info, baseline=baseline,
                        retrieval=not no_retrieval, perplexity=not no_perplexity, cache_dir=cache_dir,
-                       threads=threads or None, progress=update)
+                       threads=threads or None, progress=update, exact=exact)
     if live:
         console.print(" " * 100, end="\r")
     if out is not None:

@@ -51,6 +51,7 @@ from kiln.errors import KilnError
 from kiln.formats import format_of
 
 SLICE = 512  # tokens fed per forward call; the KV cache continues, so this is one long forward
+BLOCK = 16  # NLL is kept as sums over blocks of 16 positions: every bucket edge is a multiple of it
 DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
@@ -81,9 +82,10 @@ def file_text_record(path: Path) -> tuple[str, dict[str, Any]]:
 
 
 def bucket_edges(length: int, first: int | None = None) -> list[int]:
-    """[0, B, 2B, 4B, …, length] with B = min(1024, length // 8) (at least 16) unless given: a run uses
-    the B of its shortest length for every length, so the tables' columns line up."""
-    first = first or max(16, min(1024, length // 8))
+    """[0, B, 2B, 4B, …, length] with B = min(1024, length // 8) rounded down to a multiple of BLOCK (at
+    least BLOCK) unless given: a run uses the B of its shortest length for every length, so the tables'
+    columns line up."""
+    first = first or max(BLOCK, min(1024, length // 8) // BLOCK * BLOCK)
     edges, e = [0], first
     while e < length:
         edges.append(e)
@@ -144,11 +146,22 @@ class Artifact:
     path: Path
     kind: str  # hf, gguf, onnx
     window: int
+    _key: str | None = None
 
     def key(self) -> str:
-        files = [self.path] if self.path.is_file() else sorted(p for p in self.path.iterdir() if p.is_file())
-        ident = [str(self.path.resolve())] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
-        return hashlib.sha256("\n".join(ident).encode()).hexdigest()[:16]
+        """The sha256 of the artifact's files (names and contents), not of its path or modification time:
+        exports are deterministic, so a cell measured on one machine is found again on another for the same
+        artifact (bench/longctx.py commits its cells), and a changed exporter invalidates them."""
+        if self._key is None:
+            files = [self.path] if self.path.is_file() else sorted(p for p in self.path.iterdir() if p.is_file())
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f"{f.name}\0".encode())
+                with f.open("rb") as fh:
+                    while block := fh.read(1 << 22):
+                        h.update(block)
+            self._key = h.hexdigest()[:16]
+        return self._key
 
 
 def describe(path: str | Path) -> Artifact:
@@ -169,15 +182,23 @@ def describe(path: str | Path) -> Artifact:
     raise KilnError(f"{path}: expected an HF checkpoint directory, a .gguf file or an ONNX model directory")
 
 
+def engine_options(fmt: Any, exact: bool) -> dict[str, Any]:
+    """`exact`: the format's verification settings (llama.cpp: flash attention off, f32 KV), as `kiln eval`.
+    Otherwise the fast ones users run (llama.cpp: flash attention on): measured on SmolLM2 yarn:4 q8_0 on
+    2 cores, 1.4x faster at 4K and 1.8x at 16K; per-position NLL differs by up to 0.8 nats (p99 0.37) but
+    the mean over 4K-16K tokens by under 0.002 nats, below the third decimal the tables print
+    (docs/long-context.md, "Which engine path")."""
+    return dict(fmt.verification_options) if exact else fmt.engine_options(flash_attn=True)
+
+
 class _Runner:
     """Tokenize and feed one artifact (an engine of kiln.runtime, or transformers for a checkpoint)."""
 
-    def __init__(self, art: Artifact, n_ctx: int, threads: int | None):
+    def __init__(self, art: Artifact, n_ctx: int, threads: int | None, exact: bool = False):
         self.art = art
         fmt = format_of(art.path)
         if fmt is not None:
-            # the format's verification settings (llama.cpp: flash attention off, f32 KV), as `kiln eval`
-            self.engine = fmt.open_engine(art.path, n_ctx=n_ctx, threads=threads, **fmt.verification_options)
+            self.engine = fmt.open_engine(art.path, n_ctx=n_ctx, threads=threads, **engine_options(fmt, exact))
             self.hf = None
         else:
             from tokenizers import Tokenizer
@@ -331,12 +352,16 @@ def long_eval(artifacts: Sequence[str | Path], lengths: Sequence[int] | None = N
               depths: Sequence[float] = DEFAULT_DEPTHS, chunks: int = 1, trials: int = 1, seed: int = 0,
               text: str | None = None, text_info: dict[str, Any] | None = None, baseline: str | Path | None = None,
               retrieval: bool = True, perplexity: bool = True, cache_dir: str | Path | None = None,
-              threads: int | None = None, progress: Callable[[LongProgress], None] | None = None) -> dict[str, Any]:
+              threads: int | None = None, progress: Callable[[LongProgress], None] | None = None,
+              exact: bool = False, deadline: float | None = None) -> dict[str, Any]:
     """Run the grid; returns the JSON-able result (see `markdown`, `write_outputs`).
 
     `lengths`: token counts (default: each artifact's window only); a length beyond an artifact's window
     is refused before anything runs. `chunks`: chunks of the text per length for the NLL. `baseline`: the
-    unscaled model, scored over the same tokens in pieces of its own window (truncation).
+    unscaled model, scored over the same tokens in pieces of its own window (truncation). `exact`: the
+    engines' verification settings instead of the fast ones (`engine_options`). `deadline` (a
+    `time.monotonic()` value): no cell starts after it; the cells not run are left out of the result and
+    counted in its "cells_missing" (a long grid is run in sittings, the cache keeping what each measured).
     """
     depths = list(depths)
     if any(not 0 <= d <= 1 for d in depths) or (retrieval and not depths):
@@ -361,18 +386,26 @@ def long_eval(artifacts: Sequence[str | Path], lengths: Sequence[int] | None = N
 
     # the cells, with the cached ones found first (the progress total counts only what must run)
     todo: list[tuple[Artifact, dict[str, Any]]] = []
+    engine = "exact" if exact else "fast"
+    # one truncation cell: the baseline's pieces of its window over the longest length measured; a shorter
+    # length's verdict uses its first pieces (the same tokens)
+    longest = max((n for a in arts if base is not None and a.path != base.path for n in plan[str(a.path)]), default=0)
+    covers = longest if base is not None and longest > base.window else 0
+    if perplexity and covers:
+        todo.append((base, {"kind": "nll", "length": base.window, "chunks": chunks * -(-covers // base.window),
+                            "text": text_info["sha256"], "covers": covers, "engine": engine}))
     for art in arts:
         for n in plan[str(art.path)]:
             if perplexity:
-                todo.append((art, {"kind": "nll", "length": n, "chunks": chunks, "text": text_info["sha256"]}))
-                if base is not None and base.path != art.path and n > base.window:
-                    todo.append((base, {"kind": "nll", "length": base.window, "chunks": chunks * -(-n // base.window),
-                                        "text": text_info["sha256"], "covers": n}))
+                todo.append((art, {"kind": "nll", "length": n, "chunks": chunks, "text": text_info["sha256"],
+                                   "engine": engine}))
             if retrieval:
                 for d in depths:
                     for t in range(trials):
                         todo.append((art, {"kind": "passkey", "length": n, "depth": round(d, 4), "trial": t,
-                                           "seed": seed, "filler": FILLER, "needle": NEEDLE}))
+                                           "seed": seed, "filler": FILLER, "needle": NEEDLE, "engine": engine}))
+    unique = {(str(a.path), json.dumps(c, sort_keys=True)): (a, c) for a, c in todo}  # a baseline cell serves
+    todo = list(unique.values())  # every artifact of its length: measured once
     results: dict[tuple[str, str], dict[str, Any]] = {}
     pending = []
     for art, cell in todo:
@@ -397,10 +430,14 @@ def long_eval(artifacts: Sequence[str | Path], lengths: Sequence[int] | None = N
         by_art.setdefault(str(art.path), []).append(cell)
     art_of = {str(a.path): a for a in [*arts, *([base] if base else [])]}
     for key, cells in by_art.items():
+        if deadline is not None and time.monotonic() > deadline:
+            break
         art = art_of[key]
-        run = _Runner(art, max(c["length"] for c in cells), threads)
+        run = _Runner(art, max(c["length"] for c in cells), threads, exact)
         try:
             for cell in cells:
+                if deadline is not None and time.monotonic() > deadline:
+                    break
                 state["what"] = f"{art.path.name} {cell['kind']} {cell['length']}" + (
                     f" @{cell['depth']:.0%}" if cell["kind"] == "passkey" else "")
                 if cell["kind"] == "nll":
@@ -416,7 +453,7 @@ def long_eval(artifacts: Sequence[str | Path], lengths: Sequence[int] | None = N
                 state["cells_done"] += 1
         finally:
             run.close()
-    return _assemble(arts, base, plan, todo, results, text_info, depths, chunks, trials, seed)
+    return _assemble(arts, base, plan, todo, results, text_info, depths, chunks, trials, seed, exact)
 
 
 def _text_ids(run: _Runner, text: str, need: int) -> list[int]:
@@ -440,53 +477,75 @@ def _nll_cell(run: _Runner, text_ids: list[int], cell: dict[str, Any], tick) -> 
     need = body * k
     if len(text_ids) < need:
         raise KilnError(f"the text has {len(text_ids)} tokens, fewer than {k} chunk(s) of {n}; give a longer --text")
-    total = np.zeros(n - 1)
+    total, means = np.zeros(n - 1), []
     for c in range(k):
-        total += position_nll(run, prefix + text_ids[c * body:(c + 1) * body], tick)
+        one = position_nll(run, prefix + text_ids[c * body:(c + 1) * body], tick)
+        total += one
+        means.append(float(one.mean()))
     nll = total / k
-    return {"nll": nll.round(5).tolist(), "tokens": n, "ids_sha256":
-            hashlib.sha256(np.asarray(text_ids[:need], np.int64).tobytes()).hexdigest()}
+    return {"sums": block_sums(nll).round(4).tolist(), "mean": float(nll.mean()), "chunk_means": means, "tokens": n,
+            "ids_sha256": hashlib.sha256(np.asarray(text_ids[:need], np.int64).tobytes()).hexdigest()}
 
 
-def _buckets(nll: Sequence[float], length: int, first: int) -> list[dict[str, Any]]:
-    arr = np.asarray(nll)
+def block_sums(nll: np.ndarray) -> np.ndarray:
+    """Sums of NLL over positions [BLOCK*b, BLOCK*(b+1)) (`nll[j]` is position j+1's; position 0 has none):
+    what a cell keeps. Every bucket mean is exact from them, a cell of 32K positions is 2K numbers instead
+    of 32K, and the curve is plotted from the block means."""
+    pos = np.concatenate([[0.0], np.asarray(nll, np.float64)])
+    pad = -len(pos) % BLOCK
+    return np.concatenate([pos, np.zeros(pad)]).reshape(-1, BLOCK).sum(axis=1)
+
+
+def block_counts(length: int) -> np.ndarray:
+    """How many positions with an NLL each block of a `length`-token chunk holds."""
+    counts = np.full(-(-length // BLOCK), BLOCK, dtype=np.int64)
+    counts[0] -= 1
+    if length % BLOCK:
+        counts[-1] = length % BLOCK - (1 if len(counts) == 1 else 0)
+    return counts
+
+
+def _buckets(sums: Sequence[float], length: int, first: int) -> list[dict[str, Any]]:
+    """Mean NLL of positions [lo, hi) for each bucket, from a cell's block sums."""
+    sums, counts = np.asarray(sums, np.float64), block_counts(length)
     edges = bucket_edges(length, first)
     out = []
     for lo, hi in zip(edges, edges[1:]):
-        # index j predicts token j+1: position j+1 in [lo, hi)
-        part = arr[max(lo - 1, 0):hi - 1]
-        out.append({"lo": lo, "hi": hi, "tokens": int(part.size), "nll": float(part.mean()) if part.size else None})
+        b0, b1 = lo // BLOCK, -(-hi // BLOCK)
+        n = int(counts[b0:b1].sum())
+        out.append({"lo": lo, "hi": hi, "tokens": n, "nll": float(sums[b0:b1].sum() / n) if n else None})
     return out
 
 
-def _assemble(arts, base, plan, todo, results, text_info, depths, chunks, trials, seed) -> dict[str, Any]:
+def _assemble(arts, base, plan, todo, results, text_info, depths, chunks, trials, seed, exact) -> dict[str, Any]:
     rows = []
     shortest = min(n for ls in plan.values() for n in ls)
     first = bucket_edges(shortest)[1] if shortest > 16 else 16
 
     def get(art, cell):
-        return results[(str(art.path), json.dumps(cell, sort_keys=True))]
+        return results.get((str(art.path), json.dumps(cell, sort_keys=True)))
 
     for art in arts:
         row: dict[str, Any] = {"artifact": str(art.path), "kind": art.kind, "window": art.window, "lengths": []}
         for n in plan[str(art.path)]:
             entry: dict[str, Any] = {"length": n}
             mine = [(a, c) for a, c in todo if a is art and c["length"] == n]
-            nll_cells = [c for _, c in mine if c["kind"] == "nll"]
+            nll_cells = [c for _, c in mine if c["kind"] == "nll" and get(art, c) is not None]
             if nll_cells:
                 r = get(art, nll_cells[0])
-                entry["buckets"] = _buckets(r["nll"], n, first)
-                entry["mean_nll"] = float(np.mean(r["nll"]))
-                entry["nll"] = r["nll"]
-                tcell = next((c for a, c in todo if a is base and c.get("covers") == n), None) if base else None
-                if tcell is not None:
-                    t = np.asarray(get(base, tcell)["nll"])
+                entry["buckets"] = _buckets(r["sums"], n, first)
+                entry["mean_nll"] = float(r["mean"])
+                entry["curve"] = (np.asarray(r["sums"]) / np.maximum(block_counts(n), 1)).round(4).tolist()
+                tcell = next((c for a, c in todo if a is base and c.get("covers")), None) if base else None
+                if tcell is not None and get(base, tcell) is not None and n > base.window:
                     # the baseline's pieces of its window over the same tokens: position j of the long chunk
-                    # is predicted with at most `window` tokens of context
-                    trunc = float(t.mean())  # pieces of equal length: the mean over all their tokens
+                    # is predicted with at most `window` tokens of context; pieces of equal length, so the
+                    # mean of the first ones that cover this length
+                    pieces = get(base, tcell)["chunk_means"][:chunks * -(-n // base.window)]
+                    trunc = float(np.mean(pieces))
                     entry["truncated_nll"] = trunc
                     entry["worse_than_truncation"] = entry["mean_nll"] > trunc
-            pk = [(c, get(art, c)) for _, c in mine if c["kind"] == "passkey"]
+            pk = [(c, get(art, c)) for _, c in mine if c["kind"] == "passkey" and get(art, c) is not None]
             if pk:
                 grid = {}
                 for c, r in pk:
@@ -502,8 +561,8 @@ def _assemble(arts, base, plan, todo, results, text_info, depths, chunks, trials
     cached = sum(1 for r in results.values() if r["cached"])
     return {"kind": "longeval", "text": text_info, "depths": depths, "chunks": chunks, "trials": trials,
             "seed": seed, "baseline": str(base.path) if base else None,
-            "baseline_window": base.window if base else None, "rows": rows,
-            "cells": len(results), "cells_cached": cached}
+            "baseline_window": base.window if base else None, "rows": rows, "engine": "exact" if exact else "fast",
+            "cells": len(results), "cells_cached": cached, "cells_missing": len(todo) - len(results)}
 
 
 # ----------------------------------------------------------------------------------------- outputs
@@ -553,9 +612,11 @@ def _k(n: int) -> str:
     return f"{n / 1024:g}K" if n >= 1024 and n % 256 == 0 else str(n)
 
 
-def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
-    """nll_by_position.png (NLL vs position, one curve per artifact and length, smoothed) and
-    passkey_heatmap.png (accuracy by depth × length, one panel per artifact)."""
+def plot(result: dict[str, Any], out_dir: Path, panel_of: Callable[[str], str] | None = None) -> list[Path]:
+    """nll_by_position.png (NLL vs position, one curve per artifact and length, a moving mean over 256
+    positions; one panel per `panel_of(artifact name)` when given, e.g. per quantization) and
+    passkey_heatmap.png (accuracy by depth × length, one panel per artifact; artifacts × depths in one panel
+    when each has one length)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -564,27 +625,57 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     from kiln.atomic import atomic_file
 
     written = []
-    nll_rows = [(r, e) for r in result["rows"] for e in r["lengths"] if "nll" in e]
+    nll_rows = [(r, e) for r in result["rows"] for e in r["lengths"] if "curve" in e]
     if nll_rows:
-        fig, ax = plt.subplots(figsize=(9, 5))
+        panels: dict[str, list] = {}
         for r, e in nll_rows:
-            y = np.asarray(e["nll"])
-            w = max(1, len(y) // 64)
-            smooth = np.convolve(y, np.ones(w) / w, mode="valid")
-            ax.plot(np.arange(len(smooth)) + w, smooth, label=f"{Path(r['artifact']).name} ({e['length']})", lw=1)
-        if result.get("baseline_window"):
-            ax.axvline(result["baseline_window"], color="grey", ls="--", lw=0.8)
-        ax.set_xlabel("position (tokens)")
-        ax.set_ylabel("NLL (nats/token, moving mean)")
-        ax.set_title("NLL by position")
-        ax.legend(fontsize=7)
+            panels.setdefault(panel_of(Path(r["artifact"]).name) if panel_of else "", []).append((r, e))
+        cols = min(2, len(panels))
+        rows_ = -(-len(panels) // cols)
+        fig, axes = plt.subplots(rows_, cols, figsize=(9 * cols, 5 * rows_), squeeze=False, sharey=True)
+        for ax, (title, members) in zip(axes.flat, panels.items()):
+            for r, e in members:
+                y = np.asarray(e["curve"])  # block means, BLOCK positions each
+                w = max(1, min(256 // BLOCK, len(y) // 8))
+                smooth = np.convolve(y, np.ones(w) / w, mode="valid")
+                ax.plot((np.arange(len(smooth)) + w) * BLOCK, smooth, lw=1,
+                        label=f"{Path(r['artifact']).name} ({e['length']})")
+            if result.get("baseline_window"):
+                ax.axvline(result["baseline_window"], color="grey", ls="--", lw=0.8)
+            ax.set_xlabel("position (tokens)")
+            ax.set_ylabel("NLL (nats/token, moving mean)")
+            ax.set_title(f"NLL by position{' · ' + title if title else ''}")
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.set_visible(False)
         dest = out_dir / "nll_by_position.png"
         with atomic_file(dest) as tmp:
             fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(dest)
     pk = [r for r in result["rows"] if any("passkey" in e for e in r["lengths"])]
-    if pk:
+    if pk and all(sum("passkey" in e for e in r["lengths"]) == 1 for r in pk) and len(pk) > 1:
+        # one length per artifact (a grid of artifacts at their windows): one panel, artifacts x depths
+        entries = [next(e for e in r["lengths"] if "passkey" in e) for r in pk]
+        depths = sorted({p["depth"] for e in entries for p in e["passkey"]})
+        grid = np.full((len(pk), len(depths)), np.nan)
+        for i, e in enumerate(entries):
+            for p in e["passkey"]:
+                grid[i, depths.index(p["depth"])] = p["accuracy"]
+        fig, ax = plt.subplots(figsize=(2.2 + 0.9 * len(depths), 1.2 + 0.32 * len(pk)))
+        im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="upper")
+        ax.set_xticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+        ax.set_yticks(range(len(pk)), [f"{Path(r['artifact']).name} @ {_k(e['length'])}" for r, e in zip(pk, entries)],
+                      fontsize=7)
+        ax.set_xlabel("needle depth")
+        ax.set_title("passkey exact match", fontsize=8)
+        fig.colorbar(im, ax=ax, label="exact match")
+        dest = out_dir / "passkey_heatmap.png"
+        with atomic_file(dest) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(dest)
+    elif pk:
         fig, axes = plt.subplots(1, len(pk), figsize=(3.2 * len(pk) + 1, 3.4), squeeze=False)
         for ax, r in zip(axes[0], pk):
             entries = [e for e in r["lengths"] if "passkey" in e]
@@ -611,7 +702,8 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
 OUTPUT_NAMES = ("longeval.json", "longeval.md", "nll_by_position.png", "passkey_heatmap.png")
 
 
-def write_outputs(result: dict[str, Any], out_dir: str | Path, force: bool = False) -> list[Path]:
+def write_outputs(result: dict[str, Any], out_dir: str | Path, force: bool = False,
+                  panel_of: Callable[[str], str] | None = None) -> list[Path]:
     """longeval.json, longeval.md and the PNGs into `out_dir`; files of those names are replaced only when
     the directory holds a longeval.json kiln wrote (or with `force`)."""
     from kiln.atomic import atomic_file
@@ -634,7 +726,7 @@ def write_outputs(result: dict[str, Any], out_dir: str | Path, force: bool = Fal
         with atomic_file(out_dir / name) as tmp:
             tmp.write_text(data)
         written.append(out_dir / name)
-    return written + plot(result, out_dir)
+    return written + plot(result, out_dir, panel_of)
 
 
 # -------------------------------------------------------------------------------- rope findings
