@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--cells", type=Path, default=DOCS / "answers")
     ap.add_argument("--smoke", action="store_true", help="print the table only; write nothing under docs/")
     args = ap.parse_args()
-    deadline = time.monotonic() + 60 * args.budget if args.budget else None
+    deadline = time.monotonic() + 60 * args.budget if args.budget is not None else None
 
     from tokenizers import Tokenizer
 

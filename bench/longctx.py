@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--cells", type=Path, default=DOCS / "cells", help="the cell cache (default: the committed one)")
     ap.add_argument("-o", "--out", type=Path, default=DOCS)
     args = ap.parse_args()
-    deadline = time.monotonic() + 60 * args.budget if args.budget else None
+    deadline = time.monotonic() + 60 * args.budget if args.budget is not None else None
 
     from kiln.fixtures import build
 

@@ -440,6 +440,7 @@ def long_eval(artifacts: Sequence[str | Path], lengths: Sequence[int] | None = N
                     break
                 state["what"] = f"{art.path.name} {cell['kind']} {cell['length']}" + (
                     f" @{cell['depth']:.0%}" if cell["kind"] == "passkey" else "")
+                started = time.monotonic()
                 if cell["kind"] == "nll":
                     if key not in token_cache:
                         token_cache[key] = _text_ids(run, text, max(c["length"] * c["chunks"] for c in cells if c["kind"] == "nll"))
@@ -448,6 +449,9 @@ def long_eval(artifacts: Sequence[str | Path], lengths: Sequence[int] | None = N
                     result = passkey_cell(run, cell["length"], cell["depth"],
                                           passkey_key(cell["length"], cell["depth"], cell["trial"], cell["seed"]),
                                           tick)
+                # wall time of the cell on this machine: the prefill speed of the engine at that length
+                result["seconds"] = round(time.monotonic() - started, 1)
+                result["threads"] = threads
                 cache.put(art, cell, result)
                 results[(key, json.dumps(cell, sort_keys=True))] = {**result, "cached": False}
                 state["cells_done"] += 1
@@ -536,6 +540,8 @@ def _assemble(arts, base, plan, todo, results, text_info, depths, chunks, trials
                 entry["buckets"] = _buckets(r["sums"], n, first)
                 entry["mean_nll"] = float(r["mean"])
                 entry["curve"] = (np.asarray(r["sums"]) / np.maximum(block_counts(n), 1)).round(4).tolist()
+                if r.get("seconds") is not None and nll_cells[0]["chunks"] == 1:
+                    entry["nll_seconds"] = r["seconds"]  # one forward with every position's logits
                 tcell = next((c for a, c in todo if a is base and c.get("covers")), None) if base else None
                 if tcell is not None and get(base, tcell) is not None and n > base.window:
                     # the baseline's pieces of its window over the same tokens: position j of the long chunk
@@ -556,6 +562,9 @@ def _assemble(arts, base, plan, todo, results, text_info, depths, chunks, trials
                 entry["passkey"] = [{"depth": d, "accuracy": g["exact"] / g["n"], "logprob": g["logprob"] / g["n"],
                                      "trials": g["n"]} for d, g in sorted(grid.items())]
                 entry["passkey_accuracy"] = float(np.mean([p["accuracy"] for p in entry["passkey"]]))
+                timed = [r["seconds"] for _, r in pk if r.get("seconds") is not None]
+                if timed:
+                    entry["passkey_seconds"] = float(np.median(timed))  # one prefill of the length, last logits
             row["lengths"].append(entry)
         rows.append(row)
     cached = sum(1 for r in results.values() if r["cached"])
@@ -605,7 +614,24 @@ def markdown(result: dict[str, Any]) -> str:
             cells = " | ".join(f"{got[d]['accuracy']:.2f} ({got[d]['logprob']:.2f})" if d in got else ""
                                for d in depths)
             lines.append(f"| {Path(r['artifact']).name} | {e['length']} | {cells} | {e['passkey_accuracy']:.2f} |")
+    timed = [(r, e) for r in result["rows"] for e in r["lengths"] if "nll_seconds" in e or "passkey_seconds" in e]
+    if timed:
+        lines += ["", f"**Time per forward** on this machine (engine path: {result.get('engine', 'exact')}): one "
+                  "forward with every position's logits (NLL), one prefill of the passkey prompt (median)", "",
+                  "| artifact | length | NLL forward s | tok/s | passkey prefill s | tok/s |", "|---|---:|---:|---:|---:|---:|"]
+        for r, e in timed:
+            n, a, b = e["length"], e.get("nll_seconds"), e.get("passkey_seconds")
+            lines.append(f"| {Path(r['artifact']).name} | {n} | {_secs(a)} | {_rate(n, a)} | {_secs(b)} | "
+                         f"{_rate(n, b)} |")
     return "\n".join(lines) + "\n"
+
+
+def _secs(s: float | None) -> str:
+    return "" if s is None else f"{s:.1f}" if s < 10 else f"{s:.0f}"
+
+
+def _rate(n: int, s: float | None) -> str:
+    return "" if not s else f"{n / s:.0f}"
 
 
 def _k(n: int) -> str:

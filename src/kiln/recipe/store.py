@@ -154,24 +154,27 @@ class Store:
             return None
         return data if isinstance(data, dict) else None
 
+    @staticmethod
+    def _staged(path: str, data: bytes) -> str:
+        """`data` written in full to a fresh temporary file beside `path` (its name returned), to be renamed
+        or linked into place in one step."""
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        return tmp
+
     def _put(self, path: str, data: bytes) -> None:
         """Replace `path`'s content in one step (a reader never sees it half written)."""
         if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
+            os.replace(self._staged(path, data), path)
         else:
             self.fs.pipe_file(path, data)  # one object PUT: atomic on object stores
 
     def _create(self, path: str, data: bytes) -> bool:
         """Create `path` only if it does not exist (O_EXCL / a conditional PUT); False if it did."""
         if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
+            tmp = self._staged(path, data)
             try:
                 os.link(tmp, path)  # link(2) fails if `path` exists: exclusive and never half written
             except FileExistsError:
