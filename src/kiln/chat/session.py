@@ -181,14 +181,13 @@ class ChatSession:
 
     def _build(self, kind: str, arg: str) -> Any:
         from kiln.runtime.potentials.base import Vocab
-        from kiln.runtime.potentials.grammar import JsonSchema, Regex
+        from kiln.runtime.potentials.grammar import structure
 
         if self._vocab is None:
             self._vocab = Vocab.from_engine(self.engine)
         if kind == "regex":
-            return Regex(self._vocab, arg)
-        # compact JSON, as kiln serve writes it by default: free whitespace lets a weak model ramble in it
-        return JsonSchema(self._vocab, Path(arg).expanduser(), options={"whitespace_flexible": False})
+            return structure(self._vocab, "regex", arg)
+        return structure(self._vocab, "json", Path(arg).expanduser(), compact=True)  # as kiln serve writes it
 
     def set_regex(self, pattern: str | None) -> None:
         """Constrain the next answers to match `pattern` entirely (None: no constraint). A pattern

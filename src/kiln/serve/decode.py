@@ -30,13 +30,9 @@ __all__ = ["Choice", "TextStream", "build_potential", "check_prompt_ids", "const
 
 def build_potential(vocab: Any, c: Constraint):
     """The llguidance potential of a constraint (KilnError for a pattern, schema or grammar it rejects)."""
-    from kiln.runtime.potentials.grammar import JsonSchema, LarkGrammar, Regex
+    from kiln.runtime.potentials.grammar import structure
 
-    if c.kind == "json":
-        return JsonSchema(vocab, c.value, options={"whitespace_flexible": not c.compact})
-    if c.kind == "regex":
-        return Regex(vocab, c.value)
-    return LarkGrammar(vocab, c.value)
+    return structure(vocab, c.kind, c.value, compact=c.compact)
 
 
 def _ess(result: SMCResult) -> float:

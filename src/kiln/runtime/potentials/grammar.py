@@ -410,3 +410,22 @@ class LarkGrammar(LLGuidancePotential):
             raise KilnError("bad Lark grammar: empty")
         self.source = text
         super().__init__(vocab, _llguidance().LLMatcher.grammar_from_lark(text))
+
+
+
+STRUCTURES = ("regex", "json", "lark")
+
+
+def structure(vocab: Vocab, kind: str, value: Any, *, compact: bool | None = None) -> LLGuidancePotential:
+    """The llguidance potential of one structural constraint, wherever it was asked for (a `regex:`/`json:`/
+    `lark:` spec, a server request's response_format, a chat slash command): the one place that maps a kind
+    to its class. `value`: the pattern, the schema (dict, JSON text or file path), the grammar (text or file
+    path). `compact`: JSON without free whitespace (what kiln serve and kiln chat write by default: free
+    whitespace lets a weak model ramble in it); None keeps llguidance's default."""
+    if kind == "regex":
+        return Regex(vocab, value)
+    if kind == "json":
+        return JsonSchema(vocab, value, options=None if compact is None else {"whitespace_flexible": not compact})
+    if kind in ("lark", "grammar"):
+        return LarkGrammar(vocab, value)
+    raise KilnError(f"unknown structural constraint {kind!r} (known: {', '.join(STRUCTURES)})")

@@ -122,21 +122,12 @@ def from_spec(vocab: Vocab, spec: str, *, engine_options: dict[str, Any] | None 
     if needs_args and not args:
         raise KilnError(f"potential {spec!r}: {name} needs arguments ({name}:...)")
 
-    if name == "regex":
-        from kiln.runtime.potentials.grammar import Regex
+    if name in ("regex", "json", "lark"):
+        from kiln.runtime.potentials.grammar import structure
 
-        return Regex(vocab, args)
-    if name == "json":
-        from kiln.runtime.potentials.grammar import JsonSchema
-
-        return JsonSchema(vocab, args)
-    if name == "lark":
-        from kiln.runtime.potentials.grammar import LarkGrammar
-
-        path = Path(args)
-        if not path.is_file():
-            raise KilnError(f"{path}: no such Lark grammar file")
-        return LarkGrammar(vocab, path.read_text(encoding="utf-8"))
+        if name == "lark" and not Path(args).is_file():  # a spec names a grammar file, never inline text
+            raise KilnError(f"{Path(args)}: no such Lark grammar file")
+        return structure(vocab, name, Path(args).read_text(encoding="utf-8") if name == "lark" else args)
     if name == "stop":
         from kiln.runtime.potentials.text import StopSequences
 
