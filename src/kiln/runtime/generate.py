@@ -13,6 +13,7 @@ from kiln.errors import KilnError
 from kiln.formats import require_format
 from kiln.runtime.chat import render_chat
 from kiln.runtime.engine import Engine
+from kiln.runtime.sampling import pick
 
 
 @dataclass
@@ -74,12 +75,7 @@ def generate(engine: Engine, prompt: Sequence[int], max_tokens: int = 128, tempe
     out: list[int] = []
     stopped = "length"
     for _ in range(max_tokens):
-        if temperature <= 0:
-            tok = int(np.argmax(logits))
-        else:
-            z = logits.astype(np.float64) / temperature
-            p = np.exp(z - z.max())
-            tok = int(rng.choice(len(p), p=p / p.sum()))
+        tok = pick(logits, temperature, 1.0, rng)  # the one sampling rule (kiln.runtime.sampling), as kiln serve
         if tok in engine.eog_ids:
             stopped = "eog"
             break
