@@ -13,8 +13,8 @@ NLL cells of every artifact run first (all quantizations), then the passkey cell
 no cell after that many minutes, so the grid is filled in sittings and each one's cells are committed.
 
 Writes docs/long-context/longeval.{json,md}, nll_by_position.png, passkey_heatmap.png, the section between the
-markers in docs/long-context.md (saying how many cells are still missing) and, once the default grid is
-complete, src/kiln/data/rope_findings.json: a setting is recorded as harmful when every quantization measured
+markers in docs/long-context.md (saying how many cells are still missing) and, once every NLL cell of the
+default grid is measured, src/kiln/data/rope_findings.json: a setting is recorded as harmful when every quantization measured
 with it scored a higher mean NLL over its window than the unscaled model truncated to 8K over the same tokens
 (`kiln export` then warns).
 
@@ -159,13 +159,17 @@ def main() -> None:
                f"same quantization in pieces of {NATIVE} tokens. Cells in `{os.path.relpath(args.cells, REPO)}`; "
                f"raw figures in `{rel}/longeval.json`._\n\n{todo}{md}\n"
                f"![NLL by position]({rel}/nll_by_position.png)\n"
-               f"![passkey]({rel}/passkey_heatmap.png)\n{END}")
+               + (f"![passkey]({rel}/passkey_heatmap.png)\n" if (args.out / "passkey_heatmap.png").exists() else "")
+               + END)
     doc = REPO / "docs" / "long-context.md"
     text = doc.read_text()
     if BEGIN in text and END in text:
         text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
         doc.write_text(text)
-    full = set(settings) == set(SETTINGS) and set(quants) == set(QUANTS) and lengths is None and not missing
+    # the harmful verdict rests on NLL alone: written once every NLL cell of the default grid is measured
+    nll_done = all("mean_nll" in e and (s == "none" or "truncated_nll" in e)
+                   for (s, _), row in results.items() for e in row["lengths"])
+    full = set(settings) == set(SETTINGS) and set(quants) == set(QUANTS) and lengths is None and nll_done
     if full:
         (REPO / "src" / "kiln" / "data" / "rope_findings.json").write_text(json.dumps(
             {"source": "bench/longctx.py", "findings": findings(results)}, indent=1, sort_keys=True) + "\n")

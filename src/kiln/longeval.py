@@ -550,6 +550,7 @@ def _assemble(arts, base, plan, todo, results, text_info, depths, chunks, trials
                     pieces = get(base, tcell)["chunk_means"][:chunks * -(-n // base.window)]
                     trunc = float(np.mean(pieces))
                     entry["truncated_nll"] = trunc
+                    entry["truncated_by"] = str(base.path)  # a merged result holds several baselines
                     entry["worse_than_truncation"] = entry["mean_nll"] > trunc
             pk = [(c, get(art, c)) for _, c in mine if c["kind"] == "passkey" and get(art, c) is not None]
             if pk:
@@ -597,7 +598,8 @@ def markdown(result: dict[str, Any]) -> str:
             if e["worse_than_truncation"]:
                 lines.append(f"- **{name} at {e['length']} tokens is worse than truncating to the native window**: "
                              f"mean NLL {e['mean_nll']:.3f} vs {e['truncated_nll']:.3f} for "
-                             f"{Path(result['baseline']).name} in pieces of {result['baseline_window']} tokens.")
+                             f"{Path(e.get('truncated_by') or result['baseline']).name} in pieces of "
+                             f"{result['baseline_window']} tokens.")
             else:
                 lines.append(f"- {name} at {e['length']} tokens beats truncation to the native window: mean NLL "
                              f"{e['mean_nll']:.3f} vs {e['truncated_nll']:.3f}.")
