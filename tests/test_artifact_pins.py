@@ -49,7 +49,21 @@ def _sha(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict[str, str]:
+    """The exports run in a child process with MKL_CBWR=AVX2: torch's float32 exp/pow (the ONNX builder's
+    rotary caches) go through MKL's vector math, whose last bits follow the CPU it dispatches to (an AVX-512
+    host and an AVX2 one differ); pinned to the AVX2 code path, which both run, the bytes are the same on
+    either. Set before MKL loads, hence the child process."""
+    import subprocess
+    import sys
+
     root = tmp_path_factory.mktemp("pins")
+    proc = subprocess.run([sys.executable, __file__, str(root)], capture_output=True, text=True,
+                          env={**os.environ, "MKL_CBWR": "AVX2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _export_all(root: Path) -> dict[str, str]:
     sources = {name: (build(name, progress=False), {}) for name in FIXTURE_NAMES if name != "tiny-nanogpt"}
     sources["tiny-nanogpt"] = (build("tiny-nanogpt", progress=False) / "ckpt.pt", {"allow_pickle": True})
     arbor = build_arbor_fixtures(root / "arbor")
@@ -76,3 +90,9 @@ def test_every_fixture_export_is_byte_identical_to_its_pin(exported: dict[str, s
     pinned = json.loads(PINS.read_text())
     changed = sorted(k for k in set(pinned) | set(exported) if pinned.get(k) != exported.get(k))
     assert not changed, f"artifacts changed: {changed}"
+
+
+if __name__ == "__main__":  # the child process of the `exported` fixture
+    import sys
+
+    print(json.dumps(_export_all(Path(sys.argv[1]))))
