@@ -111,9 +111,7 @@ def execute_step(store: Store, job: StepJob, *upstream: dict[str, Any]) -> dict[
             if lease is None:  # published by the attempt we waited for
                 rec = store.record(addr)
                 continue
-            scratch = store.scratch(addr)
-            lease.body["scratch"] = str(scratch)
-            lease.renew()
+            scratch = store.scratch(addr, lease)  # recorded in the lease before it exists
             try:
                 result = _run_in(job, scratch / "files", paths, results)
                 files = describe_outputs(scratch / "files", step.outputs)

@@ -240,11 +240,16 @@ class Store:
             raise
         return dest
 
-    def scratch(self, key: str) -> Path:
+    def scratch(self, key: str, lease: Lease | None = None) -> Path:
         """A fresh local directory for an attempt's outputs (`files/` inside); on a path store it lies
-        under tmp/ so that publishing is one rename."""
+        under tmp/ so that publishing is one rename. With the attempt's `lease`, the path is written into
+        the lease before the directory exists, so an attempt killed at any instant leaves nothing that the
+        one taking over cannot find and remove."""
         token = secrets.token_hex(6)
         base = Path(self._p("tmp", f"{key}.{token}")) if self.local else self.cache / "work" / f"{key}.{token}"
+        if lease is not None:
+            lease.body["scratch"] = str(base)
+            lease.renew()
         (base / "files").mkdir(parents=True)
         return base
 
