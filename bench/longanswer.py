@@ -124,14 +124,14 @@ def main() -> None:
     # cheap answers first (chunk and truncate read one window), then rope by growing k
     plan = [(m, k, i) for m in methods if m != "rope" for k in factors for i in range(args.docs)]
     plan += [("rope", k, i) for k in factors for i in range(args.docs) if "rope" in methods]
-    paths = {None: artifact(src, None)} if any(m != "rope" for m in methods) else {}
+    paths: dict[int | None, tuple[Path, str]] = {}  # factor -> (artifact, content hash), each hashed once
     results: dict[tuple[str, int, int], dict] = {}
     for method, k, i in plan:
         factor = k if method == "rope" else None
         if factor not in paths:
-            paths[factor] = artifact(src, factor)
-        path = paths[factor]
-        key = L.describe(path).key()
+            path = artifact(src, factor)
+            paths[factor] = (path, L.describe(path).key())
+        path, key = paths[factor]
         cell = args.cells / key / f"{method}-{k}x{args.window}-{i}.json"
         doc = docs[k][i]
         if cell.is_file():
