@@ -95,7 +95,7 @@ def engine(tiny_qwen2_f32_gguf: Path):
 
 # --- endpoints ---------------------------------------------------------------------------------
 def test_health_needs_no_key_and_models_are_listed(server: Server) -> None:
-    idle = {"queued": 0, "running": 0, "busy": False}
+    idle = {"queued": 0, "running": 0, "busy": False, "admitted": 0}
     assert server.health()["models"] == {"tq2": idle, "tq2-onnx": idle}
     models = server.client().models.list()
     assert [m.id for m in models.data] == ["tq2", "tq2-onnx"]
@@ -308,7 +308,8 @@ def test_concurrent_requests_share_the_engine_steps(server: Server) -> None:
     """Continuous batching: a request that arrives while another runs joins the batch at a step
     boundary (health shows both running) instead of waiting for the engine, and each is answered as it
     would be alone (greedy: the same text). The server's --queue-limit is 1, so each request is sent
-    once the previous one is running."""
+    once the previous one is running (health's admitted counter: "running >= 2" alone can hold before
+    the request just sent has even arrived)."""
     job = {"model": "tq2", "messages": MESSAGES, "max_tokens": 400, "temperature": 0}
     alone = json.loads(server.raw("/v1/chat/completions", json.dumps(job).encode())[2])
     bodies = [job, job, {**job, "n": 2, "temperature": 1.0, "seed": 3},
@@ -318,9 +319,11 @@ def test_concurrent_requests_share_the_engine_steps(server: Server) -> None:
     threads = [threading.Thread(target=lambda k=k, b=b: results.__setitem__(
         k, server.raw("/v1/chat/completions", json.dumps(b).encode())[::2])) for k, b in enumerate(bodies)]
     together = []
+    base = server.health()["models"]["tq2"]["admitted"]
     for k, t in enumerate(threads):
         t.start()
-        together.append(_wait_for(server, lambda m, k=k: m["running"] >= min(k + 1, 2) and m["queued"] == 0))
+        together.append(_wait_for(server, lambda m, k=k: m["admitted"] == base + k + 1 and m["queued"] == 0
+                                  and m["running"] >= min(k + 1, 2)))
     for t in threads:
         t.join()
     assert all(together), together

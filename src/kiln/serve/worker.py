@@ -47,9 +47,21 @@ class Job:
         self._events: asyncio.Queue = asyncio.Queue()
         self._cancel = threading.Event()
         self.t0 = time.perf_counter()
+        self._on_leave: Callable[[], None] | None = None  # the worker's count of waiting jobs, once
+
+    def leave_queue(self) -> None:
+        """Stop counting this job as waiting (admitted, refused or cancelled); idempotent. A job
+        counts as waiting from `submit` until then with no gap (its preparation included), so the
+        queue limit holds while the worker tokenizes it."""
+        leave, self._on_leave = self._on_leave, None
+        if leave is not None:
+            leave()
 
     def emit(self, *event: Any) -> None:
-        """Called on the worker thread: hand an event to the request's handler."""
+        """Called on the worker thread: hand an event to the request's handler. A final event
+        leaves the queue first, so a client that has its answer never sees itself still queued."""
+        if event[0] in ("error", "cancelled", "done"):
+            self.leave_queue()
         self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 
     async def next(self) -> tuple:
@@ -72,6 +84,7 @@ class EngineWorker:
         self._lock = threading.Lock()
         self._waiting = 0  # submitted, not yet running (in the inbox, being prepared, or waiting for room)
         self.running = 0
+        self.admitted = 0  # requests admitted to the batch since start (monotonic; /health shows it)
         self._durations: deque[float] = deque(maxlen=16)  # recent request wall times, for Retry-After
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"kiln-serve-{name}", daemon=True)
@@ -102,6 +115,7 @@ class EngineWorker:
                                     f"in {seconds} s", code="rate_limit_exceeded", type="rate_limit_error",
                                headers={"Retry-After": str(seconds)})
             self._waiting += 1
+            job._on_leave = self._left_queue
         self._inbox.put(job)
 
     def _left_queue(self) -> None:
@@ -109,7 +123,8 @@ class EngineWorker:
             self._waiting -= 1
 
     def status(self) -> dict[str, Any]:
-        return {"queued": self._waiting, "running": self.running, "busy": self.running > 0}
+        return {"queued": self._waiting, "running": self.running, "busy": self.running > 0,
+                "admitted": self.admitted}
 
     # --- the worker thread ----------------------------------------------------------------------
     def _main(self) -> None:
@@ -153,18 +168,17 @@ class EngineWorker:
             except queue.Empty:
                 return
             block = False
-            self._left_queue()  # before its answer can reach the client (an error is answered by prepare)
             if job.cancelled:
+                job.leave_queue()
                 continue
-            prep = self._guard(job, job.prepare, job)
-            if prep is None:  # answered with its error
+            prep = self._guard(job, job.prepare, job)  # still counted as waiting meanwhile
+            if prep is None:  # answered with its error (which left the queue)
+                job.leave_queue()
                 continue
             if not batch.fits_alone(prep.task):
                 job.emit("error", APIError(400, f"the request needs {prep.task.rows} sequences and "
                                                 f"{prep.task.cells} KV cells: more than this server holds"))
                 continue
-            with self._lock:
-                self._waiting += 1
             pending.append((job, prep))
 
     def _admit(self, batch: ContinuousBatch, pending: deque, jobs: dict) -> None:
@@ -172,18 +186,19 @@ class EngineWorker:
             job, prep = pending[0]
             if job.cancelled:
                 pending.popleft()
-                self._left_queue()
+                job.leave_queue()
                 continue
             try:
                 if not batch.admit(prep.task):
                     return
             except Exception as exc:  # noqa: BLE001 - its prefill failed: its own error
                 pending.popleft()
-                self._left_queue()
                 self._fail(job, exc)
+                job.leave_queue()
                 continue
             pending.popleft()
-            self._left_queue()
+            job.leave_queue()
+            self.admitted += 1
             jobs[prep.task] = (job, prep)
 
     def _guard(self, job: Job, fn: Callable, *args: Any) -> Any:
