@@ -9,7 +9,8 @@ at the given depths and lengths), with the unscaled artifact of the same quantiz
 baseline. Every (artifact, length, depth) cell is one JSON file under CELLS (default docs/long-context/cells,
 committed), keyed by the artifact's content hash: exports are deterministic, so a cell measured in one sitting
 is found again in the next on another machine, and a changed exporter or engine setting measures again. The
-NLL cells of every artifact run first (all quantizations), then the passkey cells; `--budget MINUTES` starts
+NLL cells of every artifact run first (all quantizations), then the passkey cells (unscaled and YaRN before
+linear, q8_0 and int4 first); `--budget MINUTES` starts
 no cell after that many minutes, so the grid is filled in sittings and each one's cells are committed.
 
 Writes docs/long-context/longeval.{json,md}, nll_by_position.png, passkey_heatmap.png, the section between the
@@ -48,6 +49,9 @@ QUANTS = ("f16", "q8_0", "q4_k_m", "int4")
 NATIVE = 8192
 BEGIN, END = "<!-- longctx:begin -->", "<!-- longctx:end -->"
 ORDER = ("q8_0", "int4", "q4_k_m", "f16")  # the sittings fill the most used quantizations first
+# passkey cells by setting: the unscaled baseline and YaRN (the settings that can keep a model useful) before
+# linear scaling, whose NLL is already worse than truncation from the first token
+PASSKEY_ORDER = ("none", "yarn:2", "yarn:4", "linear:2", "linear:4")
 DOCS = REPO / "docs" / "long-context"
 
 
@@ -114,7 +118,9 @@ def main() -> None:
     quants = sorted(args.quants.split(","), key=lambda q: ORDER.index(q) if q in ORDER else len(ORDER))
     lengths = L.parse_lengths(args.lengths) if args.lengths else None
     depths = L.parse_depths(args.depths)
-    arts = {(s, q): artifact(src, s, q, not args.no_verify) for s in settings for q in quants}
+    paths = {(s, q): artifact(src, s, q, not args.no_verify) for s in settings for q in quants}
+    arts = {k: L.describe(p) for k, p in paths.items()}  # described and content-hashed once for every pass
+    text, text_info = L.text_record()
 
     def show(info: L.LongProgress) -> None:
         print("\r" + info.text()[:150].ljust(150), end="", file=sys.stderr, flush=True)
@@ -122,27 +128,35 @@ def main() -> None:
     t0 = time.monotonic()
     results: dict[tuple[str, str], dict] = {}
     merged: dict | None = None
-    # NLL of every artifact first, then the passkeys; the last pass only gathers (every cell cached or missing)
-    for phase in ({"retrieval": False}, {"perplexity": False}, {}):
-        merged = None
-        for q in quants:  # one run per quantization: its unscaled artifact is the truncation baseline
-            group = [(s, arts[(s, q)]) for s in settings]
-            base = arts.get(("none", q)) if any(s != "none" for s in settings) else None
-            res = L.long_eval([p for _, p in group], lengths, depths=depths, baseline=base, cache_dir=args.cells,
-                              threads=args.threads, progress=show, exact=args.exact,
-                              deadline=deadline if phase else time.monotonic() - 1, **phase)
-            for (s, _), row in zip(group, res["rows"]):
-                results[(s, q)] = row
-            if merged is None:
-                merged = res
-            else:
-                merged["rows"] += res["rows"]
-                for k in ("cells", "cells_cached", "cells_missing"):
-                    merged[k] += res[k]
+    common = dict(depths=depths, cache_dir=args.cells, threads=args.threads, progress=show, exact=args.exact,
+                  text=text, text_info=text_info)
+    # NLL of every artifact first
+    for q in quants:
+        base = arts.get(("none", q)) if any(s != "none" for s in settings) else None
+        L.long_eval([arts[(s, q)] for s in settings], lengths, baseline=base, retrieval=False, deadline=deadline,
+                    **common)
+    # then the passkeys, setting by setting
+    for s in sorted(settings, key=lambda s: PASSKEY_ORDER.index(s) if s in PASSKEY_ORDER else len(PASSKEY_ORDER)):
+        for q in quants:
+            L.long_eval([arts[(s, q)]], lengths, perplexity=False, deadline=deadline, **common)
+    # the last pass only gathers (every cell cached or missing), one run per quantization: its unscaled
+    # artifact is the truncation baseline
+    for q in quants:
+        group = [(s, arts[(s, q)]) for s in settings]
+        base = arts.get(("none", q)) if any(s != "none" for s in settings) else None
+        res = L.long_eval([a for _, a in group], lengths, baseline=base, deadline=time.monotonic() - 1, **common)
+        for (s, _), row in zip(group, res["rows"]):
+            results[(s, q)] = row
+        if merged is None:
+            merged = res
+        else:
+            merged["rows"] += res["rows"]
+            for k in ("cells", "cells_cached", "cells_missing"):
+                merged[k] += res[k]
     print(file=sys.stderr)
     merged["machine"] = {"cores": os.cpu_count(), "threads": args.threads}
     merged["seconds"] = round(time.monotonic() - t0, 1)
-    quant_of = {Path(path).name: q for (_, q), path in arts.items()}
+    quant_of = {Path(path).name: q for (_, q), path in paths.items()}
     L.write_outputs(merged, args.out, panel_of=lambda name: quant_of.get(name, ""))
     md = L.markdown(merged)
     print(md)

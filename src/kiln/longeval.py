@@ -164,8 +164,12 @@ class Artifact:
         return self._key
 
 
-def describe(path: str | Path) -> Artifact:
-    """Kind and advertised window of an artifact (one-line KilnError for a bad path)."""
+def describe(path: str | Path | Artifact) -> Artifact:
+    """Kind and advertised window of an artifact (one-line KilnError for a bad path). An `Artifact`
+    is returned as it is: a caller running several grids over the same files (bench/longctx.py's
+    sittings) describes them once, and their content hash is computed once."""
+    if isinstance(path, Artifact):
+        return path
     path = Path(path)
     if not path.exists():
         raise KilnError(f"{path}: no such file or directory")
@@ -348,14 +352,16 @@ class _Cache:
             tmp.write_text(json.dumps({"cell": cell, "artifact": str(art.path), **result}, sort_keys=True))
 
 
-def long_eval(artifacts: Sequence[str | Path], lengths: Sequence[int] | None = None, *,
+def long_eval(artifacts: Sequence[str | Path | Artifact], lengths: Sequence[int] | None = None, *,
               depths: Sequence[float] = DEFAULT_DEPTHS, chunks: int = 1, trials: int = 1, seed: int = 0,
-              text: str | None = None, text_info: dict[str, Any] | None = None, baseline: str | Path | None = None,
+              text: str | None = None, text_info: dict[str, Any] | None = None,
+              baseline: str | Path | Artifact | None = None,
               retrieval: bool = True, perplexity: bool = True, cache_dir: str | Path | None = None,
               threads: int | None = None, progress: Callable[[LongProgress], None] | None = None,
               exact: bool = False, deadline: float | None = None) -> dict[str, Any]:
     """Run the grid; returns the JSON-able result (see `markdown`, `write_outputs`).
 
+    `artifacts`: paths, or `describe`d artifacts (hashed once across calls).
     `lengths`: token counts (default: each artifact's window only); a length beyond an artifact's window
     is refused before anything runs. `chunks`: chunks of the text per length for the NLL. `baseline`: the
     unscaled model, scored over the same tokens in pieces of its own window (truncation). `exact`: the
