@@ -45,7 +45,9 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from kiln.errors import KilnError
+from kiln.runtime.batching import ContinuousBatch
 from kiln.runtime.engine import Engine
+from kiln.runtime.sampling import SamplingParams, SampleTask
 
 PIECE_CHARS = 1 << 16  # text tokenized at once: documents are read and tokenized in pieces this size
 READ_BYTES = 1 << 16
@@ -525,33 +527,31 @@ def context_plan(shared_kv_pool: bool, prompts: Sequence[int], max_tokens: int, 
 
 
 # --- generation -------------------------------------------------------------------------------------------
+class _GreedyTask(SampleTask):
+    """One greedy answer whose (long) prompt prefill reports progress."""
+
+    def __init__(self, engine: Engine, prompt: Sequence[int], max_tokens: int, progress: PrefillProgress | None,
+                 what: str) -> None:
+        super().__init__(engine, prompt, SamplingParams(temperature=0.0), max_tokens)
+        self._progress, self._what = progress, what
+
+    def prefill(self, engine: Engine, base: int, reserve: int) -> np.ndarray:
+        return prefill(engine, self.prompt, seq=base, progress=self._progress, what=self._what, reserve=reserve)
+
+
 def generate_batch(engine: Engine, prompts: Sequence[Sequence[int]], max_tokens: int,
                    progress: PrefillProgress | None = None, what: str = "chunk") -> list[str]:
-    """Greedy answers to several prompts decoded together (prompt i in sequence i, one `engine.step` for all
-    live sequences per token): the map step over chunks. The engine needs n_seq_max >= len(prompts)."""
-    engine.reset()
-    logits = []
-    for i, p in enumerate(prompts):
-        logits.append(prefill(engine, p, seq=i, progress=progress, what=f"{what} {i + 1}/{len(prompts)}"))
-    outs: list[list[int]] = [[] for _ in prompts]
-    live = list(range(len(prompts)))
-    last = {i: logits[i] for i in live}
-    for _ in range(max_tokens):
-        nxt = []
-        for i in live:
-            tok = int(np.argmax(last[i]))
-            if tok in engine.eog_ids:
-                continue
-            outs[i].append(tok)
-            nxt.append((i, tok))
-        if not nxt:
-            live = []
-            break
-        rows = engine.step([t for _, t in nxt], [i for i, _ in nxt])
-        live = [i for i, _ in nxt]
-        last = {i: rows[j] for j, (i, _) in enumerate(nxt)}
-    engine.reset()
-    return [engine.detokenize(o).strip() for o in outs]
+    """Greedy answers to several prompts decoded together (one `engine.step` for all live sequences per
+    token, kiln.runtime.batching's continuous batch, as kiln serve runs requests): the map step over
+    chunks. The engine needs n_seq_max >= len(prompts); prompts that do not fit its KV pool together
+    start as earlier ones finish."""
+    tasks = [_GreedyTask(engine, p, max_tokens, progress, f"{what} {i + 1}/{len(prompts)}")
+             for i, p in enumerate(prompts)]
+    with ContinuousBatch(engine) as batch:
+        failures = batch.run(tasks)
+    if failures:
+        raise failures[0].error
+    return [t.choices[0].text.strip() for t in tasks]
 
 
 @dataclass

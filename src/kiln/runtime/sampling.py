@@ -155,9 +155,14 @@ class SampleTask(Task):
         self.eog = engine.eog_ids
         self.step_no = 0
 
+    def prefill(self, engine: Engine, base: int, reserve: int) -> np.ndarray:
+        """The prompt's last logits in sequence `base` (through the engine's prompt cache); a subclass
+        may report progress here (kiln.runtime.document's long chunks)."""
+        return engine.prefill_prompt(self.prompt, seq=base, reserve=reserve)
+
     def start(self, engine: Engine, base: int, reserve: int) -> None:
         self.base = base
-        first = engine.prefill_prompt(self.prompt, seq=base, reserve=reserve)
+        first = self.prefill(engine, base, reserve)
         for i in range(1, self.rows):
             engine.copy_seq(base, base + i)
         self.logits = np.repeat(first[None, :], self.rows, axis=0)
