@@ -60,7 +60,7 @@ def cache() -> Path:
 
 
 def artifact(src: Path, setting: str, quant: str, verify: bool) -> Path:
-    from kiln.pipeline import export_gguf_artifact, export_onnx_artifact
+    from kiln.pipeline import export_gguf_artifact
 
     tag = "" if setting == "none" else "-" + setting.replace(":", "")
     out = cache() / (f"longctx-smollm2-135m{tag}-{quant}" if quant == "int4" else f"longctx-smollm2-135m{tag}.{quant}.gguf")
@@ -70,7 +70,19 @@ def artifact(src: Path, setting: str, quant: str, verify: bool) -> Path:
     rope = {} if setting == "none" else {"rope_scaling": setting, "original_context": NATIVE}
     out.parent.mkdir(parents=True, exist_ok=True)
     if quant == "int4":
-        export_onnx_artifact(src, out, "int4", verify=verify, threads=2, **rope)
+        # in a child with MKL_CBWR=AVX2: the ONNX builder's rotary caches come from torch's float32 pow/cos/sin,
+        # whose last bits follow the CPU's MKL branch; pinned to AVX2 every Intel host writes the same bytes
+        # (tests/test_artifact_pins.py), so the committed cells are found again (MKL keeps its own branch
+        # on other processors: there the int4 cells are measured for their own bytes)
+        import subprocess
+
+        flags = ["--rope-scaling", setting, "--original-context", str(NATIVE)] if rope else []
+        argv = ["export", "onnx", str(src), "-o", str(out), "--precision", "int4", "--threads", "2", *flags,
+                *([] if verify else ["--no-verify"])]
+        proc = subprocess.run([sys.executable, "-c", "from kiln.cli import main; main()", *argv],
+                              env={**os.environ, "MKL_CBWR": "AVX2"}, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"exporting {out.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
     else:
         export_gguf_artifact(src, out, quant, verify=verify, threads=2, **rope)
     return out

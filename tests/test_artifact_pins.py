@@ -9,6 +9,11 @@ pin is a change of the artifacts: deliberate ones (a new GGUF key, a fixed graph
 with `KILN_UPDATE_PINS=1 pytest tests/test_artifact_pins.py` and say so in the commit; everything
 else is a regression. Manifests are left out (they record absolute source paths); verification is
 off (tests elsewhere verify every export).
+
+A few files hold values torch computes with its float32 exp/pow/sin/cos (the ONNX builder's rotary
+caches, Qwen3.5's -exp(A_log)), whose last bits follow the CPU's math library (see `exported`). Where a
+kind of CPU gives other bits for those, tests/artifact_pins_by_math.json holds that kind's hashes of
+those files, keyed by a fingerprint of its float32 math (`math_fingerprint`), over the main pins.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("llama_cpp")
@@ -29,6 +35,7 @@ from kiln.fixtures.arbor import build_arbor_fixtures  # noqa: E402
 from kiln.pipeline import export_gguf_artifact, export_onnx_artifact  # noqa: E402
 
 PINS = Path(__file__).with_name("artifact_pins.json")
+BY_MATH = Path(__file__).with_name("artifact_pins_by_math.json")
 GGUF_TYPES = ("f32", "q8_0", "q4_k_m")
 ONNX_PRECISIONS = ("fp32", "int4")
 
@@ -52,7 +59,8 @@ def exported(tmp_path_factory) -> dict[str, str]:
     """The exports run in a child process with MKL_CBWR=AVX2: torch's float32 exp/pow (the ONNX builder's
     rotary caches) go through MKL's vector math, whose last bits follow the CPU it dispatches to (an AVX-512
     host and an AVX2 one differ); pinned to the AVX2 code path, which both run, the bytes are the same on
-    either. Set before MKL loads, hence the child process."""
+    either. Set before MKL loads, hence the child process. MKL honours AVX2 on Intel processors only (elsewhere
+    it keeps its automatic branch: an AMD host's bits differ), hence the pins by math fingerprint."""
     import subprocess
     import sys
 
@@ -61,6 +69,26 @@ def exported(tmp_path_factory) -> dict[str, str]:
                           env={**os.environ, "MKL_CBWR": "AVX2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def math_fingerprint() -> str:
+    """A hash of torch's float32 exp/pow/sin/cos over fixed inputs (large tensors and small ones, whose
+    tails take other code paths): two hosts with the same fingerprint compute the pinned files alike."""
+    import torch
+
+    from kiln.families.qwen3_5 import _exp32  # -exp(A_log)'s exp, as the export computes it
+
+    x = torch.linspace(-20.0, 20.0, 1 << 16, dtype=torch.float32)
+    pos = torch.arange(4096, dtype=torch.float32)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
+    angles = torch.outer(pos, inv)
+    h = hashlib.sha256()
+    for t in (torch.exp(x), torch.exp(x[:7]), torch.pow(x.abs() + 1, 0.37), inv, torch.cos(angles),
+              torch.sin(angles), torch.cos(angles[:3, :5]), torch.sin(angles[:3, :5])):
+        h.update(t.numpy().tobytes())
+    for n in (4, 16, 37):  # A_log-like values, the sizes of small checkpoints' head counts
+        h.update(_exp32(np.linspace(-1.0, 3.0, n, dtype=np.float32)).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _export_all(root: Path) -> dict[str, str]:
@@ -84,15 +112,24 @@ def _export_all(root: Path) -> dict[str, str]:
     return hashes
 
 
-def test_every_fixture_export_is_byte_identical_to_its_pin(exported: dict[str, str]) -> None:
+def test_every_fixture_export_is_byte_identical_to_its_pin(exported: dict) -> None:
+    fingerprint, hashes = exported["math"], exported["hashes"]
+    by_math = json.loads(BY_MATH.read_text())
+    own = by_math.get(fingerprint, {})
     if os.environ.get("KILN_UPDATE_PINS") == "1":
-        PINS.write_text(json.dumps(exported, indent=1, sort_keys=True) + "\n")
-    pinned = json.loads(PINS.read_text())
-    changed = sorted(k for k in set(pinned) | set(exported) if pinned.get(k) != exported.get(k))
-    assert not changed, f"artifacts changed: {changed}"
+        # this host's bits: into its own entries where it has them (the others' stay), else the main pins
+        main = json.loads(PINS.read_text()) if own else {}
+        main.update({k: v for k, v in hashes.items() if k not in own})
+        PINS.write_text(json.dumps(main, indent=1, sort_keys=True) + "\n")
+        if own:
+            by_math[fingerprint] = {k: hashes[k] for k in own}
+            BY_MATH.write_text(json.dumps(by_math, indent=1, sort_keys=True) + "\n")
+    pinned = {**json.loads(PINS.read_text()), **own}
+    changed = sorted(k for k in set(pinned) | set(hashes) if pinned.get(k) != hashes.get(k))
+    assert not changed, f"artifacts changed (this host's float32 math: {fingerprint}): {changed}"
 
 
 if __name__ == "__main__":  # the child process of the `exported` fixture
     import sys
 
-    print(json.dumps(_export_all(Path(sys.argv[1]))))
+    print(json.dumps({"math": math_fingerprint(), "hashes": _export_all(Path(sys.argv[1]))}))

@@ -151,9 +151,14 @@ class Artifact:
     def key(self) -> str:
         """The sha256 of the artifact's files (names and contents), not of its path or modification time:
         exports are deterministic, so a cell measured on one machine is found again on another for the same
-        artifact (bench/longctx.py commits its cells), and a changed exporter invalidates them."""
+        artifact (bench/longctx.py commits its cells), and a changed exporter invalidates them. kiln's
+        manifest inside a directory artifact is not hashed: it records the source's absolute path and the
+        verification's figures, which differ from machine to machine for the same model files."""
         if self._key is None:
-            files = [self.path] if self.path.is_file() else sorted(p for p in self.path.iterdir() if p.is_file())
+            fmt = format_of(self.path)
+            manifest = fmt.manifest_path(self.path) if fmt is not None else None
+            files = [self.path] if self.path.is_file() else sorted(
+                p for p in self.path.iterdir() if p.is_file() and p != manifest)
             h = hashlib.sha256()
             for f in files:
                 h.update(f"{f.name}\0".encode())
