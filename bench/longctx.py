@@ -82,7 +82,7 @@ def artifact(src: Path, setting: str, quant: str, verify: bool) -> Path:
         proc = subprocess.run([sys.executable, "-c", "from kiln.cli import main; main()", *argv],
                               env={**os.environ, "MKL_CBWR": "AVX2"}, capture_output=True, text=True)
         if proc.returncode != 0:
-            sys.exit(f"exporting {out.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+            sys.exit(f"exporting {out.name} failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     else:
         export_gguf_artifact(src, out, quant, verify=verify, threads=2, **rope)
     return out
@@ -140,13 +140,15 @@ def main() -> None:
     t0 = time.monotonic()
     results: dict[tuple[str, str], dict] = {}
     merged: dict | None = None
+    def baseline(q: str) -> L.Artifact | None:  # the truncation baseline of a quantization's scaled artifacts
+        return arts.get(("none", q)) if any(s != "none" for s in settings) else None
+
     common = dict(depths=depths, cache_dir=args.cells, threads=args.threads, progress=show, exact=args.exact,
                   text=text, text_info=text_info)
     # NLL of every artifact first
     for q in quants:
-        base = arts.get(("none", q)) if any(s != "none" for s in settings) else None
-        L.long_eval([arts[(s, q)] for s in settings], lengths, baseline=base, retrieval=False, deadline=deadline,
-                    **common)
+        L.long_eval([arts[(s, q)] for s in settings], lengths, baseline=baseline(q), retrieval=False,
+                    deadline=deadline, **common)
     # then the passkeys, setting by setting
     for s in sorted(settings, key=lambda s: PASSKEY_ORDER.index(s) if s in PASSKEY_ORDER else len(PASSKEY_ORDER)):
         for q in quants:
@@ -154,10 +156,9 @@ def main() -> None:
     # the last pass only gathers (every cell cached or missing), one run per quantization: its unscaled
     # artifact is the truncation baseline
     for q in quants:
-        group = [(s, arts[(s, q)]) for s in settings]
-        base = arts.get(("none", q)) if any(s != "none" for s in settings) else None
-        res = L.long_eval([a for _, a in group], lengths, baseline=base, deadline=time.monotonic() - 1, **common)
-        for (s, _), row in zip(group, res["rows"]):
+        res = L.long_eval([arts[(s, q)] for s in settings], lengths, baseline=baseline(q),
+                          deadline=time.monotonic() - 1, **common)
+        for s, row in zip(settings, res["rows"]):
             results[(s, q)] = row
         if merged is None:
             merged = res

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import KilnError
-from kiln.formats import format_of
+from kiln.formats import by_name, format_of
 
 SLICE = 512  # tokens fed per forward call; the KV cache continues, so this is one long forward
 BLOCK = 16  # NLL is kept as sums over blocks of 16 positions: every bucket edge is a multiple of it
@@ -155,8 +155,7 @@ class Artifact:
         manifest inside a directory artifact is not hashed: it records the source's absolute path and the
         verification's figures, which differ from machine to machine for the same model files."""
         if self._key is None:
-            fmt = format_of(self.path)
-            manifest = fmt.manifest_path(self.path) if fmt is not None else None
+            manifest = by_name(self.kind).manifest_path(self.path) if self.kind != "hf" else None
             files = [self.path] if self.path.is_file() else sorted(
                 p for p in self.path.iterdir() if p.is_file() and p != manifest)
             h = hashlib.sha256()
@@ -793,5 +792,5 @@ def rope_warnings(family: str, rope: Any, path: Path | None = None) -> list[str]
     return out
 
 
-__all__ = ["DEFAULT_DEPTHS", "LongProgress", "bucket_edges", "long_eval", "markdown", "parse_depths",
-           "parse_lengths", "passkey_key", "plot", "rope_findings", "rope_warnings", "text_record", "write_outputs"]
+__all__ = ["DEFAULT_DEPTHS", "Artifact", "LongProgress", "bucket_edges", "describe", "long_eval", "markdown",
+           "parse_depths", "parse_lengths", "passkey_key", "plot", "rope_findings", "rope_warnings", "text_record", "write_outputs"]

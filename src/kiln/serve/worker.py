@@ -173,7 +173,6 @@ class EngineWorker:
                 continue
             prep = self._guard(job, job.prepare, job)  # still counted as waiting meanwhile
             if prep is None:  # answered with its error (which left the queue)
-                job.leave_queue()
                 continue
             if not batch.fits_alone(prep.task):
                 job.emit("error", APIError(400, f"the request needs {prep.task.rows} sequences and "
@@ -193,8 +192,7 @@ class EngineWorker:
                     return
             except Exception as exc:  # noqa: BLE001 - its prefill failed: its own error
                 pending.popleft()
-                self._fail(job, exc)
-                job.leave_queue()
+                self._fail(job, exc)  # its error leaves the queue
                 continue
             pending.popleft()
             job.leave_queue()
