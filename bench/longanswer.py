@@ -4,13 +4,15 @@
 The comparison of docs/long-context.md ("Which policy for a long document"). SmolLM2-135M-Instruct (native
 window W = 8192) reads documents of about 2x, 4x and 8x W tokens from the retrieval set of `kiln longeval`
 (kiln.longeval: synthetic filler "The grass is green. …", one line "The pass key is NNNNN. Remember it." at a
-depth of 20/50/80 %) and completes "What is the pass key? The pass key is", three ways, each through
+depth of 20/50/80 %) and completes "What is the pass key? The pass key is", four ways, each through
 `kiln.runtime.document.answer_document` as `kiln generate --prompt-file F --prompt "…" --question "What is
 the pass key?"` runs it (no chat template: the completion form the passkey test uses, which this model
 answers at 100 % within its window):
 
 * chunk:    the unscaled q8_0 GGUF, `--overflow chunk`: chunks of 1024 tokens (128 overlap) ranked by BM25
-            against the question, the best packed into the window in document order;
+            against the question; the document's opening chunk and the chunks that share a word with the
+            question packed in document order (`--pack relevant`, the default);
+* chunk-fill: the same with `--pack fill`: the best-ranked chunks until the window is full;
 * truncate: the unscaled q8_0 GGUF, `--overflow truncate`: the start and the end, the middle dropped;
 * rope:     a q8_0 GGUF baked with yarn:k (k = 2, 4, 8: a window of k x W) reading the whole document.
 
@@ -46,7 +48,7 @@ from kiln import longeval as L  # noqa: E402
 
 NATIVE = 8192
 DEPTHS = (0.2, 0.5, 0.8)
-METHODS = ("chunk", "truncate", "rope")
+METHODS = ("chunk", "chunk-fill", "truncate", "rope")
 DOCS = REPO / "docs" / "long-context"
 BEGIN, END = "<!-- longanswer:begin -->", "<!-- longanswer:end -->"
 
@@ -84,7 +86,9 @@ def answer(path: Path, doc: dict, method: str, window: int, threads: int) -> dic
     from kiln.runtime import DocumentOptions, answer_document
 
     size = min(1024, window // 4)  # chunks well under the window, so the best ones can be packed into it
-    options = DocumentOptions(overflow="error" if method == "rope" else method, chunk_size=size, overlap=size // 8)
+    overflow = {"rope": "error", "chunk-fill": "chunk"}.get(method, method)
+    options = DocumentOptions(overflow=overflow, chunk_size=size, overlap=size // 8,
+                              pack="fill" if method == "chunk-fill" else "relevant")
     notes: list[str] = []
     t0 = time.perf_counter()
     out = answer_document(path, doc["text"], L.QUESTION.strip(), question="What is the pass key?", max_tokens=12,
@@ -93,7 +97,8 @@ def answer(path: Path, doc: dict, method: str, window: int, threads: int) -> dic
     seconds = time.perf_counter() - t0
     text = out["text"]
     return {"answer": text, "correct": doc["number"] in text, "seconds": round(seconds, 2),
-            "mode": out.get("document", {}).get("mode"), "notes": notes}
+            "mode": out.get("document", {}).get("mode"), "prompt_tokens": out.get("document", {}).get("prompt_tokens"),
+            "notes": notes}
 
 
 def main() -> None:
@@ -179,7 +184,7 @@ def table(results: dict, methods: list[str], factors: list[int], n: int, window:
     if missing:
         head += (f"**{missing} answer(s) not measured yet** (`bench/longanswer.py --budget MINUTES` runs the "
                  "missing ones).\n\n")
-    lines = [head + "| document | method | right | median s / answer | tokens read |", "|---|---|---:|---:|---:|"]
+    lines = [head + "| document | method | right | median s / answer | median prompt tokens |", "|---|---|---:|---:|---:|"]
     for k in factors:
         for m in methods:
             got = [results[(m, k, i)] for i in range(n) if (m, k, i) in results]
@@ -187,7 +192,8 @@ def table(results: dict, methods: list[str], factors: list[int], n: int, window:
                 lines.append(f"| {k}x window | {_label(m, k)} | not measured | | |")
                 continue
             right = sum(r["correct"] for r in got)
-            read = f"{k * window // 1024}K" if m == "rope" else f"{window // 1024}K"
+            prompts = [r["prompt_tokens"] for r in got if r.get("prompt_tokens")]
+            read = f"{statistics.median(prompts):.0f}" if prompts else ""
             lines.append(f"| {k}x window (~{statistics.median(r['tokens'] for r in got) / 1024:.0f}K tokens) | "
                          f"{_label(m, k)} | {right}/{len(got)} | {statistics.median(r['seconds'] for r in got):.0f} "
                          f"| {read} |")
@@ -195,7 +201,8 @@ def table(results: dict, methods: list[str], factors: list[int], n: int, window:
 
 
 def _label(method: str, k: int) -> str:
-    return {"chunk": "chunk + BM25 rank", "truncate": "truncate (start + end)"}.get(method, f"rope yarn:{k}, whole")
+    return {"chunk": "chunk + BM25, relevant chunks", "chunk-fill": "chunk + BM25, window filled",
+            "truncate": "truncate (start + end)"}.get(method, f"rope yarn:{k}, whole")
 
 
 if __name__ == "__main__":

@@ -159,6 +159,37 @@ def test_bm25_ranks_the_needle_first_and_select_packs_in_order(tok) -> None:
     assert D.merge_tokens(chunks[:2]) == chunks[0].tokens + chunks[1].tokens[chunks[0].end - chunks[1].start:]
 
 
+def test_relevant_packing_keeps_the_opening_and_what_matches(tok) -> None:
+    """pack="relevant" (the default; measured in bench/longanswer.py): the opening chunk and the chunks that
+    share a word with the question, not the filler around them; "fill" packs up to the budget."""
+    needle = "The special magic number for Lisbon is 48213."
+    text = "Notes from the archive.\n\n" + _doc(30, needle, at=17)
+    chunks = list(D.chunk(tok, text, 128, 16))
+    scores = D.rank(chunks, "What is the special magic number for Lisbon?", "bm25")
+    relevant = D.select(chunks, scores, 2000, tok, "relevant", 0.0)
+    assert relevant[0].index == 0 and all(scores[c.index] > 0 for c in relevant[1:])
+    assert any("48213" in c.text for c in relevant) and len(relevant) < len(chunks) // 2
+    filled = D.select(chunks, scores, 2000, tok, "fill", 0.0)
+    assert len(D.merge_tokens(filled, tok)) <= 2000 and len(filled) > len(relevant)
+    # without a floor (the likelihood ranking) or with nothing above it, "relevant" fills like "fill"
+    assert D.select(chunks, scores, 2000, tok, "relevant", None) == filled
+    assert D.select(chunks, [0.0] * len(chunks), 2000, tok, "relevant", 0.0) == \
+        D.select(chunks, [0.0] * len(chunks), 2000, tok, "fill", 0.0)
+    with pytest.raises(KilnError, match="--pack 'all'"):
+        D.select(chunks, scores, 2000, tok, "all")
+    with pytest.raises(KilnError, match="--pack 'all'"):
+        D.DocumentOptions(pack="all").validate()
+
+
+def test_cli_choices_are_the_runtime_policies() -> None:
+    """The CLI spells its choices out (fast --help, no runtime import); they must stay the runtime's."""
+    from kiln import cli
+
+    assert cli.OVERFLOW_CHOICES == D.OVERFLOW_POLICIES
+    assert cli.RANK_CHOICES == D.RANK_METHODS
+    assert cli.PACK_CHOICES == D.PACK_POLICIES
+
+
 def test_likelihood_ranking_runs_on_the_model(smol: Path) -> None:
     with load(smol, n_ctx=128, threads=THREADS) as engine:
         chunks = [D.Chunk(0, 0, engine.tokenize("Bananas are yellow fruit.", add_special=False)),
@@ -177,6 +208,26 @@ def test_answer_document_sizes_the_context_and_answers(smol: Path) -> None:
     assert "Paris" in out["text"]
     assert out["document"]["mode"] == "whole"
     assert checked == [(out["prompt_tokens"] + 12, 1)] and out["n_ctx"] == out["prompt_tokens"] + 12
+
+
+def test_relevant_chunks_size_the_context_to_their_prompt(smol: Path) -> None:
+    """BM25 needs no model, so the chunks are packed before the answering engine is opened: its context is the
+    packed prompt's (the opening chunk and the needle's), not the whole window."""
+    needle = "The special magic number for Lisbon is 48213."
+    text = "Notes from the archive.\n\n" + _doc(160, needle, at=90)  # about 2.5 times a window of 4096
+    notes: list[str] = []
+    out = D.answer_document(smol, text, question="What is the special magic number for Lisbon?", max_tokens=4,
+                            options=D.DocumentOptions(overflow="chunk", chunk_size=256, overlap=32), threads=THREADS,
+                            n_ctx=4096, on_note=notes.append)
+    doc = out["document"]
+    assert doc["mode"] == "ranked" and doc["selected"][0] == 0 and len(doc["selected"]) < doc["chunks"] // 4
+    assert out["n_ctx"] == 4096  # --ctx: the window the prompt must fit
+    assert any("share no word with the question" in n for n in notes) and any("kept" in n for n in notes)
+    checked = []
+    D.answer_document(smol, text, question="What is the special magic number for Lisbon?", max_tokens=4,
+                      options=D.DocumentOptions(overflow="chunk", chunk_size=256, overlap=32), threads=THREADS,
+                      memory_check=lambda n_ctx, n_seq: checked.append(n_ctx))
+    assert checked and checked[0] < 1024  # the packed prompt + 4, not the artifact's 8192
 
 
 def test_memory_check_refuses_before_loading(smol: Path) -> None:

@@ -20,6 +20,7 @@ from kiln.errors import KilnError
 
 OVERFLOW_CHOICES = ("error", "truncate", "chunk")  # kiln.runtime.document.OVERFLOW_POLICIES (not imported: fast --help)
 RANK_CHOICES = ("bm25", "likelihood")
+PACK_CHOICES = ("relevant", "fill")
 
 _rope_options = options(
     click.option("--rope-scaling", help="Bake RoPE scaling: linear:F, yarn:F or none (default: from config.json)."),
@@ -516,6 +517,10 @@ def imatrix_cmd(src: Path, calib: Path | None, out: Path, ctx: int, chunks: int 
 @click.option("--rank", "rank_method", type=click.Choice(RANK_CHOICES), default="bm25", show_default=True,
               help="Chunk ranking: BM25 (bm25s) or the model's likelihood of the question given the chunk "
                    "(measured: bench/longdoc.py, docs/long-context.md).")
+@click.option("--pack", type=click.Choice(PACK_CHOICES), default="relevant", show_default=True,
+              help="What ranked chunks go into the window: the document's opening chunk and those sharing a word "
+                   "with the question (BM25), or the best-ranked ones until the window is full (measured: "
+                   "bench/longanswer.py, docs/long-context.md).")
 @click.option("--max-chunks", type=int, default=256, show_default=True,
               help="Most chunks a document may give (a bound on time and memory; more is refused).")
 @click.option("--memory", "memory", default=None, metavar="SIZE",
@@ -550,7 +555,8 @@ def imatrix_cmd(src: Path, calib: Path | None, out: Path, ctx: int, chunks: int 
                    "particles' tails), within the artifact's window].")
 @click.option("--json", "as_json", is_flag=True)
 def generate(artifact: Path, prompts: tuple[str, ...], prompt_file: Path | None, question: str | None,
-             overflow: str, chunk_size: int, overlap: int, rank_method: str, max_chunks: int, memory: str | None,
+             overflow: str, chunk_size: int, overlap: int, rank_method: str, pack: str, max_chunks: int,
+             memory: str | None,
              chat: bool, system: str | None, thinking: bool | None,
              max_tokens: int,
              temperature: float | None, seed: int | None, particles: int | None, regex: str | None,
@@ -603,7 +609,7 @@ def generate(artifact: Path, prompts: tuple[str, ...], prompt_file: Path | None,
     check = _memory_check(artifact, memory)
     if prompt_file is not None:
         _document_generate(artifact, prompt_file, prompts[0] if prompts else None, question, overflow, chunk_size,
-                           overlap, rank_method, max_chunks, chat, system, thinking, max_tokens, temperature, seed,
+                           overlap, rank_method, pack, max_chunks, chat, system, thinking, max_tokens, temperature, seed,
                            threads, ctx, as_json, check, steered, particles, regex, json_schema, grammar, potentials,
                            ess_threshold, resampling, timeout, no_cache)
         return
@@ -776,7 +782,8 @@ def _prefill_display(enabled: bool):
 
 
 def _document_generate(artifact: Path, prompt_file: Path, instruction: str | None, question: str | None,
-                       overflow: str, chunk_size: int, overlap: int, rank_method: str, max_chunks: int, chat: bool,
+                       overflow: str, chunk_size: int, overlap: int, rank_method: str, pack: str, max_chunks: int,
+                       chat: bool,
                        system: str | None, thinking: bool | None, max_tokens: int, temperature: float | None,
                        seed: int | None, threads: int, ctx: int | None, as_json: bool, check, steered: bool,
                        particles: int | None, regex: str | None, json_schema: str | None, grammar: str | None,
@@ -786,7 +793,7 @@ def _document_generate(artifact: Path, prompt_file: Path, instruction: str | Non
     from kiln.runtime.document import DocumentOptions, answer_document, stdin_source
 
     options = DocumentOptions(overflow=overflow, chunk_size=chunk_size, overlap=overlap, rank=rank_method,
-                              max_chunks=max_chunks)
+                              pack=pack, max_chunks=max_chunks)
     options.validate()
     steer = None
     n = 16 if particles is None else particles

@@ -15,7 +15,8 @@
   streamed; no boundary falls inside a UTF-8 character (a byte-level token can hold part of one).
 * `rank(chunks, question, method)`: one relevance score per chunk, BM25 (the `bm25s` package) or the
   model's own log-likelihood of the question after the chunk; `select` packs the best into a budget and
-  returns them in document order.
+  returns them in document order: the opening chunk and the relevant ones (`pack="relevant"`, the default)
+  or as many as fit (`pack="fill"`).
 * `answer(engine, source, instruction, ...)`: the whole policy on an open engine: the document if it fits,
   else the overflow policy; `chunk` with a question ranks and packs, without one maps the instruction over
   the chunks (several chunks decoded together as sequences of the engine) and reduces the partial answers
@@ -53,6 +54,14 @@ PIECE_CHARS = 1 << 16  # text tokenized at once: documents are read and tokenize
 READ_BYTES = 1 << 16
 OVERFLOW_POLICIES = ("error", "truncate", "chunk")
 RANK_METHODS = ("bm25", "likelihood")
+# What is packed into the window after ranking. "relevant": the document's opening chunk (where its title and framing
+# usually are) and the chunks the ranking finds relevant, best first while they fit; "fill": the best-ranked chunks
+# until the window is full, relevant or not. Measured by bench/longanswer.py (SmolLM2-135M-Instruct q8_0, 9 passkey
+# documents of 2x/4x/8x its 8K window, chunks of 1024 ranked by BM25): "relevant" found the key 9/9 in prompts of
+# about 2K tokens; "fill" 1/6 in prompts of about 7.4K (the needle's chunk was packed every time, buried among
+# filler chunks that share no word with the question), each answer about 5x slower. Only BM25 has a zero that means
+# "no word of the question here"; the likelihood ranking has no such floor, so it always fills.
+PACK_POLICIES = ("relevant", "fill")
 # The ranking default, measured by bench/longdoc.py (SmolLM2-135M-Instruct Q4_1 GGUF, 1 thread on a shared 2-core
 # machine; 12 synthetic needle-in-a-haystack documents of ~1K and ~2K tokens: filler paragraphs of
 # kiln/data/calibration.txt, one "special magic number for CITY" needle at 10-90 % depth and three distractor needles
@@ -60,6 +69,7 @@ RANK_METHODS = ("bm25", "likelihood")
 # chunks packed into 1024 tokens hold it: 12/12 and 12/12. Time to rank all 12: BM25 0.14 s, likelihood 410 s (a
 # prefill of every chunk). Equal hit rates: the default is the one that costs nothing (docs/long-context.md).
 DEFAULT_RANK = "bm25"
+DEFAULT_PACK = "relevant"
 DEFAULT_CHUNK = 1024
 DEFAULT_OVERLAP = 128
 DEFAULT_MAX_CHUNKS = 256
@@ -455,10 +465,18 @@ def merge_tokens(chunks: Sequence[Chunk], engine: Engine | None = None) -> list[
     return out
 
 
-def select(chunks: Sequence[Chunk], scores: Sequence[float], budget: int, engine: Engine | None = None) -> list[Chunk]:
+def select(chunks: Sequence[Chunk], scores: Sequence[float], budget: int, engine: Engine | None = None,
+           pack: str = DEFAULT_PACK, floor: float | None = None) -> list[Chunk]:
     """The best-scoring chunks whose merged tokens (`merge_tokens`) fit `budget`, in document order (the first
-    chunk that would not fit is skipped and smaller ones are still tried)."""
+    chunk that would not fit is skipped and smaller ones are still tried). pack="relevant" with a `floor`
+    (BM25: 0): only the document's opening chunk and the chunks scoring above the floor; when none does, the
+    window is filled as with pack="fill" (nothing to go on but the order)."""
+    if pack not in PACK_POLICIES:
+        raise KilnError(f"--pack {pack!r}: one of {', '.join(PACK_POLICIES)}")
     order = sorted(range(len(chunks)), key=lambda i: (-scores[i], i))
+    if pack == "relevant" and floor is not None and chunks and any(scores[i] > floor for i in order):
+        opening = min(range(len(chunks)), key=lambda i: chunks[i].start)
+        order = [opening] + [i for i in order if i != opening and scores[i] > floor]
     chosen: list[Chunk] = []
     for i in order:
         trial = chosen + [chunks[i]]
@@ -562,6 +580,7 @@ class DocumentOptions:
     chunk_size: int = DEFAULT_CHUNK
     overlap: int = DEFAULT_OVERLAP
     rank: str = DEFAULT_RANK
+    pack: str = DEFAULT_PACK
     max_chunks: int = DEFAULT_MAX_CHUNKS
     batch: int = 4  # chunks decoded together in the map step (sequences of one engine)
 
@@ -570,6 +589,8 @@ class DocumentOptions:
             raise KilnError(f"--overflow {self.overflow!r}: one of {', '.join(OVERFLOW_POLICIES)}")
         if self.rank not in RANK_METHODS:
             raise KilnError(f"--rank {self.rank!r}: one of {', '.join(RANK_METHODS)}")
+        if self.pack not in PACK_POLICIES:
+            raise KilnError(f"--pack {self.pack!r}: one of {', '.join(PACK_POLICIES)}")
         check_chunking(self.chunk_size, self.overlap)
         if self.max_chunks < 1:
             raise KilnError(f"--max-chunks {self.max_chunks}: must be positive")
@@ -608,6 +629,8 @@ class Prepared:
     instruction: str | None = None
     notes: list[str] = field(default_factory=list)
     total: int = 0
+    chosen: list[Chunk] | None = None  # ranked: the packed chunks, when the ranking needs no model (BM25)
+    packed: list[int] = field(default_factory=list)  # ranked: their merged tokens
 
 
 def prepare(engine: Engine, source: str | Path | BinaryIO, instruction: str | None, *, question: str | None = None,
@@ -652,10 +675,33 @@ def prepare(engine: Engine, source: str | Path | BinaryIO, instruction: str | No
     chunks = list(chunk(engine, stream(), options.chunk_size, options.overlap, options.max_chunks, name=name))
     total = chunks[-1].end
     mode = "ranked" if question else "map-reduce"
-    return Prepared(mode, window, fr, None, chunks, question, instruction, total=total,
+    prep = Prepared(mode, window, fr, None, chunks, question, instruction, total=total,
                     notes=[f"document of {total} tokens over the window's {budget}: {len(chunks)} chunks of "
                            f"{options.chunk_size} tokens ({options.overlap} overlap), "
                            + (f"ranked by {options.rank}" if question else "map-reduce")])
+    if mode == "ranked" and options.rank == "bm25":  # no model needed: pack now, so the context is sized to it
+        pack_chunks(engine, prep, options, budget)
+    return prep
+
+
+def pack_chunks(engine: Engine, prep: Prepared, options: DocumentOptions, budget: int,
+         progress: PrefillProgress | None = None) -> None:
+    """Rank a prepared document's chunks and choose what goes into the window (`select`), into
+    `prep.chosen` / `prep.packed`, with notes naming them."""
+    scores = rank(prep.chunks, prep.question or "", options.rank, engine, progress)
+    floor = 0.0 if options.rank == "bm25" else None  # BM25 0: no word of the question in the chunk
+    chosen = select(prep.chunks, scores, budget, engine, options.pack, floor)
+    if not chosen:
+        raise KilnError(f"no chunk of {options.chunk_size} tokens fits the window's {budget}: lower --chunk-size")
+    prep.notes.append(f"kept {len(chosen)} of {len(prep.chunks)} chunks: " + ", ".join(str(c.index + 1) for c in chosen))
+    if options.pack == "relevant" and floor is not None:
+        unrelated = sum(x <= floor for x in scores)
+        if unrelated == len(scores):
+            prep.notes.append("no chunk shares a word with the question: the window is filled in document order")
+        elif unrelated:
+            prep.notes.append(f"{unrelated} chunk(s) share no word with the question and were left out "
+                              "(--pack fill packs them)")
+    prep.chosen, prep.packed = chosen, merge_tokens(chosen, engine)
 
 
 def _map_frame(engine: Engine, prep: Prepared, i: int, n: int, chat: bool, system: str | None,
@@ -687,6 +733,8 @@ def plan_sizes(prep: Prepared, shared_kv_pool: bool, max_tokens: int, particles:
         return context_plan(shared_kv_pool, [final], max_tokens, particles)
     final = prep.window - max_tokens
     if prep.mode == "ranked":
+        if prep.chosen is not None:  # packed already (BM25): exactly its prompt
+            return context_plan(shared_kv_pool, [prep.frame.overhead + len(prep.packed)], max_tokens, particles)
         final = min(final, prep.frame.overhead + sum(len(c.tokens) for c in prep.chunks) + 16)
         if options.rank == "likelihood":  # each chunk is scored alone: chunk + cue + the question
             final = max(final, max(len(c.tokens) for c in prep.chunks) + MAP_SLACK + len((prep.question or "").encode()))
@@ -710,14 +758,10 @@ def run_prepared(engine: Engine, prep: Prepared, *, max_tokens: int = 128, optio
     if prep.mode in ("whole", "truncate"):
         return DocumentAnswer(prep.mode, prep.frame.build(prep.fitted.tokens), prep.total, list(prep.notes))
     if prep.mode == "ranked":
-        scores = rank(prep.chunks, prep.question or "", options.rank, engine, progress)
-        chosen = select(prep.chunks, scores, budget, engine)
-        if not chosen:
-            raise KilnError(f"no chunk of {options.chunk_size} tokens fits the window's {budget}: lower --chunk-size")
-        notes = list(prep.notes) + [f"kept {len(chosen)} of {len(prep.chunks)} chunks: "
-                                    + ", ".join(str(c.index + 1) for c in chosen)]
-        return DocumentAnswer("ranked", prep.frame.build(merge_tokens(chosen, engine)), prep.total, notes,
-                              len(prep.chunks), [c.index for c in chosen])
+        if prep.chosen is None:
+            pack_chunks(engine, prep, options, budget, progress)
+        return DocumentAnswer("ranked", prep.frame.build(prep.packed), prep.total, list(prep.notes),
+                              len(prep.chunks), [c.index for c in prep.chosen or []])
     # map-reduce
     n = len(prep.chunks)
     answers: list[str] = [""] * n
@@ -843,6 +887,7 @@ def answer_document(artifact: str | Path, source: str | Path | BinaryIO, instruc
         sizes["n_ctx"] = max(sizes["n_ctx"], n_ctx) if fmt.shared_kv_pool else n_ctx
     if memory_check is not None:
         memory_check(sizes["n_ctx"], sizes["n_seq_max"])
+    told = len(prep.notes)
     for note in prep.notes:
         if on_note:
             on_note(note)
@@ -858,7 +903,7 @@ def answer_document(artifact: str | Path, source: str | Path | BinaryIO, instruc
                          thinking=thinking, temperature=temperature, seed=seed, steer=steer, progress=progress,
                          on_token=stream, cache_key_artifact=key, on_step=on_step)
     out["n_ctx"] = sizes["n_ctx"]
-    for note in out["document"]["notes"][len(prep.notes):]:
+    for note in out["document"]["notes"][told:]:
         if on_note:
             on_note(note)
     return out
