@@ -58,8 +58,8 @@ RANK_METHODS = ("bm25", "likelihood")
 # usually are) and the chunks the ranking finds relevant, best first while they fit; "fill": the best-ranked chunks
 # until the window is full, relevant or not. Measured by bench/longanswer.py (SmolLM2-135M-Instruct q8_0, 9 passkey
 # documents of 2x/4x/8x its 8K window, chunks of 1024 ranked by BM25): "relevant" found the key 9/9 in prompts of
-# about 2K tokens; "fill" 1/6 in prompts of about 7.4K (the needle's chunk was packed every time, buried among
-# filler chunks that share no word with the question), each answer about 5x slower. Only BM25 has a zero that means
+# about 2K tokens (5.7 s per answer); "fill" 1/9 in prompts of 7.4-8K (the needle's chunk was packed every time,
+# buried among filler chunks that share no word with the question; 38-44 s per answer). Only BM25 has a zero that means
 # "no word of the question here"; the likelihood ranking has no such floor, so it always fills.
 PACK_POLICIES = ("relevant", "fill")
 # The ranking default, measured by bench/longdoc.py (SmolLM2-135M-Instruct Q4_1 GGUF, 1 thread on a shared 2-core
