@@ -95,10 +95,9 @@ def answer(path: Path, doc: dict, method: str, window: int, threads: int) -> dic
                           options=options,
                           threads=threads, n_ctx=None if method == "rope" else window, on_note=notes.append)
     seconds = time.perf_counter() - t0
-    text = out["text"]
-    return {"answer": text, "correct": doc["number"] in text, "seconds": round(seconds, 2),
-            "mode": out.get("document", {}).get("mode"), "prompt_tokens": out.get("document", {}).get("prompt_tokens"),
-            "notes": notes}
+    text, how = out["text"], out.get("document", {})
+    return {"answer": text, "correct": doc["number"] in text, "seconds": round(seconds, 2), "mode": how.get("mode"),
+            "prompt_tokens": how.get("prompt_tokens"), "notes": notes}
 
 
 def main() -> None:
@@ -184,7 +183,8 @@ def table(results: dict, methods: list[str], factors: list[int], n: int, window:
     if missing:
         head += (f"**{missing} answer(s) not measured yet** (`bench/longanswer.py --budget MINUTES` runs the "
                  "missing ones).\n\n")
-    lines = [head + "| document | method | right | median s / answer | median prompt tokens |", "|---|---|---:|---:|---:|"]
+    lines = [head + "| document | method | right | median s / answer | median prompt tokens |",
+             "|---|---|---:|---:|---:|"]
     for k in factors:
         for m in methods:
             got = [results[(m, k, i)] for i in range(n) if (m, k, i) in results]

@@ -609,9 +609,9 @@ def generate(artifact: Path, prompts: tuple[str, ...], prompt_file: Path | None,
     check = _memory_check(artifact, memory)
     if prompt_file is not None:
         _document_generate(artifact, prompt_file, prompts[0] if prompts else None, question, overflow, chunk_size,
-                           overlap, rank_method, pack, max_chunks, chat, system, thinking, max_tokens, temperature, seed,
-                           threads, ctx, as_json, check, steered, particles, regex, json_schema, grammar, potentials,
-                           ess_threshold, resampling, timeout, no_cache)
+                           overlap, rank_method, pack, max_chunks, chat, system, thinking, max_tokens, temperature,
+                           seed, threads, ctx, as_json, check, steered, particles, regex, json_schema, grammar,
+                           potentials, ess_threshold, resampling, timeout, no_cache)
         return
     if not steered:
         _plain_generate(artifact, list(prompts), chat, system, thinking, max_tokens, temperature, seed, threads, ctx,

@@ -793,4 +793,5 @@ def rope_warnings(family: str, rope: Any, path: Path | None = None) -> list[str]
 
 
 __all__ = ["DEFAULT_DEPTHS", "Artifact", "LongProgress", "bucket_edges", "describe", "long_eval", "markdown",
-           "parse_depths", "parse_lengths", "passkey_key", "plot", "rope_findings", "rope_warnings", "text_record", "write_outputs"]
+           "parse_depths", "parse_lengths", "passkey_key", "plot", "rope_findings", "rope_warnings", "text_record",
+           "write_outputs"]

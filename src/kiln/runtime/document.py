@@ -685,7 +685,7 @@ def prepare(engine: Engine, source: str | Path | BinaryIO, instruction: str | No
 
 
 def pack_chunks(engine: Engine, prep: Prepared, options: DocumentOptions, budget: int,
-         progress: PrefillProgress | None = None) -> None:
+                progress: PrefillProgress | None = None) -> None:
     """Rank a prepared document's chunks and choose what goes into the window (`select`), into
     `prep.chosen` / `prep.packed`, with notes naming them."""
     scores = rank(prep.chunks, prep.question or "", options.rank, engine, progress)
@@ -693,7 +693,8 @@ def pack_chunks(engine: Engine, prep: Prepared, options: DocumentOptions, budget
     chosen = select(prep.chunks, scores, budget, engine, options.pack, floor)
     if not chosen:
         raise KilnError(f"no chunk of {options.chunk_size} tokens fits the window's {budget}: lower --chunk-size")
-    prep.notes.append(f"kept {len(chosen)} of {len(prep.chunks)} chunks: " + ", ".join(str(c.index + 1) for c in chosen))
+    prep.notes.append(f"kept {len(chosen)} of {len(prep.chunks)} chunks: "
+                      + ", ".join(str(c.index + 1) for c in chosen))
     if options.pack == "relevant" and floor is not None:
         unrelated = sum(x <= floor for x in scores)
         if unrelated == len(scores):
@@ -761,7 +762,7 @@ def run_prepared(engine: Engine, prep: Prepared, *, max_tokens: int = 128, optio
         if prep.chosen is None:
             pack_chunks(engine, prep, options, budget, progress)
         return DocumentAnswer("ranked", prep.frame.build(prep.packed), prep.total, list(prep.notes),
-                              len(prep.chunks), [c.index for c in prep.chosen or []])
+                              len(prep.chunks), [c.index for c in prep.chosen])
     # map-reduce
     n = len(prep.chunks)
     answers: list[str] = [""] * n
