@@ -27,7 +27,7 @@ about three times that. `make bench` runs what is missing with `--budget 180`.
     .venv/bin/python bench/longctx.py                                         # the full grid (hours)
     .venv/bin/python bench/longctx.py --settings none --quants q8_0 --lengths 512,1024 --depths 0.1,0.9 \\
         --threads 1 -o /tmp/longctx-smoke --cells /tmp/longctx-smoke/cells --smoke   # a smoke run (minutes)
-    .venv/bin/python bench/longctx.py --budget 90 --only-measured             # a sitting: what is missing
+    .venv/bin/python bench/longctx.py --budget 90                             # a sitting: what is missing
 """
 
 from __future__ import annotations

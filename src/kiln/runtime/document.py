@@ -53,14 +53,29 @@ from kiln.runtime.sampling import SamplingParams, SampleTask
 PIECE_CHARS = 1 << 16  # text tokenized at once: documents are read and tokenized in pieces this size
 READ_BYTES = 1 << 16
 OVERFLOW_POLICIES = ("error", "truncate", "chunk")
-RANK_METHODS = ("bm25", "likelihood")
+
+
+@dataclass(frozen=True)
+class RankMethod:
+    """What the rest of the module needs to know of a ranking, in one place: whether it scores without the
+    model (then the chunks are packed in `prepare`, before an engine is sized for the prompt) and which score
+    means "unrelated to the question" (`--pack relevant` leaves those out; None: no such score, so it fills)."""
+
+    model_free: bool
+    floor: float | None
+
+
+# BM25 needs no model and scores 0 exactly when no word of the question is in the chunk; the model's likelihood
+# of the question is never that clear-cut
+RANKINGS = {"bm25": RankMethod(model_free=True, floor=0.0), "likelihood": RankMethod(model_free=False, floor=None)}
+RANK_METHODS = tuple(RANKINGS)
 # What is packed into the window after ranking. "relevant": the document's opening chunk (where its title and framing
 # usually are) and the chunks the ranking finds relevant, best first while they fit; "fill": the best-ranked chunks
 # until the window is full, relevant or not. Measured by bench/longanswer.py (SmolLM2-135M-Instruct q8_0, 9 passkey
 # documents of 2x/4x/8x its 8K window, chunks of 1024 ranked by BM25): "relevant" found the key 9/9 in prompts of
 # about 2K tokens (5.7 s per answer); "fill" 1/9 in prompts of 7.4-8K (the needle's chunk was packed every time,
-# buried among filler chunks that share no word with the question; 38-44 s per answer). Only BM25 has a zero that means
-# "no word of the question here"; the likelihood ranking has no such floor, so it always fills.
+# buried among filler chunks that share no word with the question; 38-44 s per answer). A ranking without a floor
+# (RankMethod.floor None: the likelihood) always fills.
 PACK_POLICIES = ("relevant", "fill")
 # The ranking default, measured by bench/longdoc.py (SmolLM2-135M-Instruct Q4_1 GGUF, 1 thread on a shared 2-core
 # machine; 12 synthetic needle-in-a-haystack documents of ~1K and ~2K tokens: filler paragraphs of
@@ -679,7 +694,7 @@ def prepare(engine: Engine, source: str | Path | BinaryIO, instruction: str | No
                     notes=[f"document of {total} tokens over the window's {budget}: {len(chunks)} chunks of "
                            f"{options.chunk_size} tokens ({options.overlap} overlap), "
                            + (f"ranked by {options.rank}" if question else "map-reduce")])
-    if mode == "ranked" and options.rank == "bm25":  # no model needed: pack now, so the context is sized to it
+    if mode == "ranked" and RANKINGS[options.rank].model_free:  # pack now, so the context is sized to it
         pack_chunks(engine, prep, options, budget)
     return prep
 
@@ -689,7 +704,7 @@ def pack_chunks(engine: Engine, prep: Prepared, options: DocumentOptions, budget
     """Rank a prepared document's chunks and choose what goes into the window (`select`), into
     `prep.chosen` / `prep.packed`, with notes naming them."""
     scores = rank(prep.chunks, prep.question or "", options.rank, engine, progress)
-    floor = 0.0 if options.rank == "bm25" else None  # BM25 0: no word of the question in the chunk
+    floor = RANKINGS[options.rank].floor
     chosen = select(prep.chunks, scores, budget, engine, options.pack, floor)
     if not chosen:
         raise KilnError(f"no chunk of {options.chunk_size} tokens fits the window's {budget}: lower --chunk-size")
@@ -729,6 +744,7 @@ def plan_sizes(prep: Prepared, shared_kv_pool: bool, max_tokens: int, particles:
     max_tokens, or exactly the document's prompt when it fits) with `particles` sequences, and in map-reduce
     the chunk prompts decoded `options.batch` at a time."""
     options = options or DocumentOptions()
+    options.validate()
     if prep.mode in ("whole", "truncate"):
         final = prep.frame.overhead + len(prep.fitted.tokens)
         return context_plan(shared_kv_pool, [final], max_tokens, particles)
@@ -737,7 +753,7 @@ def plan_sizes(prep: Prepared, shared_kv_pool: bool, max_tokens: int, particles:
         if prep.chosen is not None:  # packed already (BM25): exactly its prompt
             return context_plan(shared_kv_pool, [prep.frame.overhead + len(prep.packed)], max_tokens, particles)
         final = min(final, prep.frame.overhead + sum(len(c.tokens) for c in prep.chunks) + 16)
-        if options.rank == "likelihood":  # each chunk is scored alone: chunk + cue + the question
+        if not RANKINGS[options.rank].model_free:  # the model scores each chunk alone: chunk + cue + question
             final = max(final, max(len(c.tokens) for c in prep.chunks) + MAP_SLACK + len((prep.question or "").encode()))
         return context_plan(shared_kv_pool, [final], max_tokens, particles)
     longest = max(len(c.tokens) for c in prep.chunks) + prep.frame.overhead + MAP_SLACK
