@@ -750,7 +750,7 @@ def plan_sizes(prep: Prepared, shared_kv_pool: bool, max_tokens: int, particles:
         return context_plan(shared_kv_pool, [final], max_tokens, particles)
     final = prep.window - max_tokens
     if prep.mode == "ranked":
-        if prep.chosen is not None:  # packed already (BM25): exactly its prompt
+        if prep.chosen is not None:  # packed in prepare (a model-free ranking): exactly its prompt
             return context_plan(shared_kv_pool, [prep.frame.overhead + len(prep.packed)], max_tokens, particles)
         final = min(final, prep.frame.overhead + sum(len(c.tokens) for c in prep.chunks) + 16)
         if not RANKINGS[options.rank].model_free:  # the model scores each chunk alone: chunk + cue + question
