@@ -93,6 +93,11 @@ GAP = "\n\n[…]\n\n"  # between packed chunks that are not contiguous in the do
 MAP_INSTRUCTION = "Summarize this part of the document."
 
 
+def _not_one_of(flag: str, value: str, allowed: Sequence[str]) -> str:
+    """The one-line error for an option outside its choices, worded alike wherever the API checks one."""
+    return f"{flag} {value!r}: one of {', '.join(allowed)}"
+
+
 # --- progress -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PrefillInfo:
@@ -406,7 +411,7 @@ def rank(chunks: Sequence[Chunk], question: str, method: str = DEFAULT_RANK, eng
     (the `bm25s` package; English stop words, lower-cased words); "likelihood": the model's log-probability
     of the question's tokens after the chunk (needs `engine`; one prefill per chunk)."""
     if method not in RANK_METHODS:
-        raise KilnError(f"--rank {method!r}: one of {', '.join(RANK_METHODS)}")
+        raise KilnError(_not_one_of("--rank", method, RANK_METHODS))
     if not question or not question.strip():
         raise KilnError("ranking needs a question")
     if not chunks:
@@ -487,7 +492,7 @@ def select(chunks: Sequence[Chunk], scores: Sequence[float], budget: int, engine
     (BM25: 0): only the document's opening chunk and the chunks scoring above the floor; when none does, the
     window is filled as with pack="fill" (nothing to go on but the order)."""
     if pack not in PACK_POLICIES:
-        raise KilnError(f"--pack {pack!r}: one of {', '.join(PACK_POLICIES)}")
+        raise KilnError(_not_one_of("--pack", pack, PACK_POLICIES))
     order = sorted(range(len(chunks)), key=lambda i: (-scores[i], i))
     if pack == "relevant" and floor is not None and chunks and any(scores[i] > floor for i in order):
         opening = min(range(len(chunks)), key=lambda i: chunks[i].start)
@@ -601,11 +606,11 @@ class DocumentOptions:
 
     def validate(self) -> None:
         if self.overflow not in OVERFLOW_POLICIES:
-            raise KilnError(f"--overflow {self.overflow!r}: one of {', '.join(OVERFLOW_POLICIES)}")
+            raise KilnError(_not_one_of("--overflow", self.overflow, OVERFLOW_POLICIES))
         if self.rank not in RANK_METHODS:
-            raise KilnError(f"--rank {self.rank!r}: one of {', '.join(RANK_METHODS)}")
+            raise KilnError(_not_one_of("--rank", self.rank, RANK_METHODS))
         if self.pack not in PACK_POLICIES:
-            raise KilnError(f"--pack {self.pack!r}: one of {', '.join(PACK_POLICIES)}")
+            raise KilnError(_not_one_of("--pack", self.pack, PACK_POLICIES))
         check_chunking(self.chunk_size, self.overlap)
         if self.max_chunks < 1:
             raise KilnError(f"--max-chunks {self.max_chunks}: must be positive")
