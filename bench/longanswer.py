@@ -22,8 +22,8 @@ little under k x W tokens (512 below), so the yarn:k artifact reads them whole.
 
 Every (method, k, document) answer is one JSON file under CELLS (default docs/long-context/answers, committed),
 keyed by the artifact's content hash (exports are deterministic), so sittings of `--budget MINUTES` fill the
-grid: the cheap chunk and truncate answers first, then rope by growing k (reading 64K tokens takes most of an
-hour on 2 cores). Writes docs/long-context/answers.{json,md} and the section between the markers in
+grid: the cheap chunk and truncate answers first, then rope by growing k (reading 64K tokens takes about 35
+minutes on 2 cores). Writes docs/long-context/answers.{json,md} and the section between the markers in
 docs/long-context.md.
 
     .venv/bin/python bench/longanswer.py --budget 60                   # a sitting: what is missing
