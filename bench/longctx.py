@@ -70,17 +70,17 @@ def artifact(src: Path, setting: str, quant: str, verify: bool) -> Path:
     rope = {} if setting == "none" else {"rope_scaling": setting, "original_context": NATIVE}
     out.parent.mkdir(parents=True, exist_ok=True)
     if quant == "int4":
-        # in a child with MKL_CBWR=COMPATIBLE: the ONNX builder's rotary caches come from torch's float32
-        # pow/cos/sin, whose last bits follow MKL's code path; on its SSE2 path Intel and AMD hosts write the
-        # same bytes (tests/test_artifact_pins.py), so the committed cells are found again on either (the AVX2
-        # pin held on Intel hosts only: YaRN's int4 tables came out otherwise on AMD)
+        # in a child under kiln.pinned_math's environment: the rotary caches are then the same bytes on Intel
+        # and AMD hosts, so the committed cells (keyed by the bytes) are found again on either
         import subprocess
+
+        from kiln.pinned_math import PINNED_MATH_ENV
 
         flags = ["--rope-scaling", setting, "--original-context", str(NATIVE)] if rope else []
         argv = ["export", "onnx", str(src), "-o", str(out), "--precision", "int4", "--threads", "2", *flags,
                 *([] if verify else ["--no-verify"])]
         proc = subprocess.run([sys.executable, "-c", "from kiln.cli import main; main()", *argv],
-                              env={**os.environ, "MKL_CBWR": "COMPATIBLE"}, capture_output=True, text=True)
+                              env={**os.environ, **PINNED_MATH_ENV}, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"exporting {out.name} failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     else:

@@ -32,6 +32,7 @@ pytest.importorskip("onnxruntime_genai")
 from kiln import families  # noqa: E402
 from kiln.fixtures import FIXTURE_NAMES, build  # noqa: E402
 from kiln.fixtures.arbor import build_arbor_fixtures  # noqa: E402
+from kiln.pinned_math import PINNED_MATH_ENV  # noqa: E402
 from kiln.pipeline import export_gguf_artifact, export_onnx_artifact  # noqa: E402
 
 PINS = Path(__file__).with_name("artifact_pins.json")
@@ -55,18 +56,15 @@ def _sha(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict[str, str]:
-    """The exports run in a child process with MKL_CBWR=COMPATIBLE: torch's float32 exp/pow/cos (the ONNX
-    builder's rotary caches) go through MKL's vector math, whose last bits follow the code path it dispatches
-    to. The AVX2 branch is honoured on Intel processors only (an AMD EPYC host kept its own and wrote other
-    bits for six pinned files); COMPATIBLE, MKL's SSE2 path, gives on an Intel Xeon exactly the bits of that
-    AMD host (the same `math_fingerprint`, 923b0794…, and the same bytes of a YaRN int4 export), so one set
-    of pins holds on both. Set before MKL loads, hence the child process."""
+    """The exports run in a child process under `kiln.pinned_math.PINNED_MATH_ENV` (MKL's SSE2 code path),
+    where Intel and AMD hosts compute the same float32 bits, so one set of pins holds on both. MKL reads it
+    when it loads, hence the child process."""
     import subprocess
     import sys
 
     root = tmp_path_factory.mktemp("pins")
     proc = subprocess.run([sys.executable, __file__, str(root)], capture_output=True, text=True,
-                          env={**os.environ, "MKL_CBWR": "COMPATIBLE"})
+                          env={**os.environ, **PINNED_MATH_ENV})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "kiln"
 # top-level package or module of kiln -> its layer
 LAYER_OF = {
     **dict.fromkeys(("kiln", "errors", "jsonfile", "paths", "atomic", "outputs", "manifest", "bytelevel",
-                     "gguf_header", "llamacpp_log"), "base"),
+                     "gguf_header", "llamacpp_log", "pinned_math"), "base"),
     "checkpoint": "model", "families": "model",
     "compress": "compress",
     "export": "export",
